@@ -1,0 +1,1 @@
+"""fedae's Flower ClientApp: glue between Flower messages and ``shared.task``."""

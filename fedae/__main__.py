@@ -1,0 +1,3 @@
+from fedae.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""The ``fedae`` command: thin sub-commands over ``simulations`` and ``shared``.
+
+Exit codes: 0 success, 2 bad input or configuration, 1 anything else. This is the one place that turns
+exceptions into messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+import shared.tfenv  # noqa: F401  (import-time switches before anything imports TensorFlow)
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+logger = logging.getLogger("fedae")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedae", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="run a simulated federation and export the detector")
+    sim.add_argument("--scenario", help="a named scenario (see `fedae scenarios`); default fleet")
+    sim.add_argument("--data", metavar="DIR", help="one CSV/Parquet/NPZ file per site (files sorted by name)")
+    sim.add_argument("--test", metavar="FILE", help="labelled test file for --data (1 = anomaly)")
+    sim.add_argument("--label-column", help="label column of the test file (default: label)")
+    sim.add_argument("--clients", type=int, metavar="N", help="number of simulated clients")
+    sim.add_argument("--rounds", type=int, metavar="N", help="number of federated rounds")
+    sim.add_argument(
+        "--run-config",
+        metavar="'key=value ...'",
+        default="",
+        help="overrides with the keys of [tool.flwr.app.config], as for `flwr run --run-config`",
+    )
+    sim.add_argument("--out", metavar="RUN_DIR", help="output folder (default runs/<timestamp>-<scenario>)")
+    sim.add_argument("--cpus-per-client", type=int, help="CPUs per simulation worker (default 2)")
+    sim.add_argument("--gpus-per-client", type=float, help="GPU share per worker (default 0.25 with a GPU)")
+    sim.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's and TensorFlow's own logs")
+
+    sub.add_parser("scenarios", help="list the named scenarios")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from shared.config import ConfigError, FedaeConfig, parse_key_values
+    from simulations import scenarios
+
+    if args.data and args.scenario and args.scenario != "files":
+        raise ConfigError("--data runs on your own files; do not combine it with --scenario")
+    if args.test and not args.data:
+        raise ConfigError("--test goes with --data (the embedded scenarios have their own test split)")
+    overrides: dict[str, Any] = {}
+    if args.data:
+        overrides |= {"scenario": "files", "data-dir": args.data, "partition": "natural"}
+        if not args.test:
+            raise ConfigError("--data needs --test FILE: a labelled file (1 = anomaly) to evaluate on")
+        overrides["test-file"] = args.test
+    else:
+        overrides |= scenarios.overrides(args.scenario or "fleet")
+    if args.label_column:
+        overrides["label-column"] = args.label_column
+    if args.clients is not None:
+        overrides["num-clients"] = args.clients
+    if args.rounds is not None:
+        overrides["num-server-rounds"] = args.rounds
+    if args.out:
+        overrides["out-dir"] = args.out
+    overrides |= parse_key_values(args.run_config)
+    return FedaeConfig().with_overrides(overrides)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import json
+
+    from simulations.runner import simulate
+
+    summary = simulate(
+        config_from_args(args),
+        cpus_per_client=args.cpus_per_client,
+        gpus_per_client=args.gpus_per_client,
+        verbose=args.verbose,
+    )
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    out = summary["run_config"]["out-dir"]
+    d, p = summary["detector"], summary["privacy"]
+    print(f"\nRun finished in {summary['wall_time_s']} s: {out}")
+    print(
+        f"  detector: test ROC-AUC {d['test_auc']:.4f}, precision {d['precision']:.3f}, "
+        f"recall {d['recall']:.3f} "
+        f"at threshold {d['threshold']:.5g} ({d['threshold_rule']})"
+    )
+    if p["dp"]:
+        print(f"  privacy: max epsilon {p['sample_level']['max_epsilon']:.3f} over clients; {p['statement']}")
+    else:
+        print("  privacy: no DP (noise-multiplier 0, no clipping): no privacy guarantee")
+    for name, auc in summary["comparison"].items():
+        print(f"  {name}: ROC-AUC {auc:.4f}")
+    print(f"  bundle: {out}/{summary['bundle']}   report: {out}/{summary['report']}")
+    return EXIT_OK
+
+
+def _scenarios(_: argparse.Namespace) -> int:
+    from simulations import scenarios
+
+    for name, description in scenarios.available().items():
+        print(f"{name:10s} {description}")
+    return EXIT_OK
+
+
+def _setup_logging(verbose: bool) -> None:
+    """fedae's progress at INFO on stderr; other libraries only at WARNING (all with --verbose)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
+    fedae_logger = logging.getLogger("fedae")
+    fedae_logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    fedae_logger.addHandler(handler)
+    fedae_logger.propagate = False
+    if not verbose:
+        # Flower's deprecation notice for run_simulation and its per-round lines are replaced by
+        # fedae's own progress lines; errors still show.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shared.config import ConfigError
+    from shared.data.errors import DataError
+    from shared.training import TrainingDataError
+
+    args = _parser().parse_args(argv)
+    _setup_logging(verbose=getattr(args, "verbose", False))
+    handlers = {"simulate": _simulate, "scenarios": _scenarios}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, TrainingDataError) as err:
+        print(f"fedae: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("fedae: interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as err:  # the last line of defence: a message, not a traceback
+        logger.debug("unexpected error", exc_info=True)
+        print(
+            f"fedae: failed: {type(err).__name__}: {err} (rerun with --verbose for details)", file=sys.stderr
+        )
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

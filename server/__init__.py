@@ -1,0 +1,1 @@
+"""fedae's Flower ServerApp: strategy set-up, round bookkeeping, and the hand-off to ``shared``."""

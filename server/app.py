@@ -1,0 +1,99 @@
+"""The ServerApp: FedAvg (or FedAdam / FedProx) over the clients, then the detector export.
+
+Flower-facing only: strategy, round bookkeeping and progress logging here; data, model, threshold and
+report in ``shared.pipeline``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+import shared.tfenv  # noqa: F401  (import-time switches before TensorFlow)
+from server.strategy import RoundRecorder, build_strategy
+from shared import pipeline
+from shared.config import FedaeConfig
+from shared.setup import encode_setup
+
+logger = logging.getLogger("fedae.server")
+
+
+def run_federation(grid: Grid, config: FedaeConfig) -> dict:
+    started = time.time()
+    setup = pipeline.prepare(config)
+    recorder = RoundRecorder()
+    strategy = build_strategy(config, recorder, setup.num_clients)
+    rounds: list[dict] = []
+    best = {"loss": float("inf"), "round": 0, "weights": pipeline.initial_weights(setup)}
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        weights = arrays.to_numpy_ndarrays()
+        loss = pipeline.calibration_loss(setup, weights)
+        recorder.end_round(server_round)
+        if server_round > 0:
+            train = recorder.train.get(server_round, {})
+            held_out = recorder.evaluate.get(server_round, {})
+            epsilons = [m["epsilon"] for m in train.values() if "epsilon" in m]
+            row = {
+                "round": server_round,
+                "clients": sorted(train),
+                "train_loss": _weighted(train, "train-loss"),
+                "eval_loss": _weighted(held_out, "eval-loss"),
+                "calibration_loss": loss,
+                "max_epsilon": max(epsilons) if epsilons else None,
+            }
+            rounds.append(row)
+            logger.info(
+                "round %d/%d: %d clients, train loss %.4f, held-out loss %.4f, calibration loss %.4f%s",
+                server_round,
+                config.num_server_rounds,
+                len(train),
+                row["train_loss"],
+                row["eval_loss"],
+                loss,
+                f", max cumulative epsilon {row['max_epsilon']:.3f} (delta {config.delta:g})"
+                if epsilons
+                else ", no DP",
+            )
+            if loss < best["loss"]:
+                best.update(loss=loss, round=server_round, weights=weights)
+        return MetricRecord({"calibration-loss": loss})
+
+    setup_record = ConfigRecord(encode_setup(config, setup.spec, setup.scaler))
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(best["weights"]),
+        num_rounds=config.num_server_rounds,
+        train_config=setup_record,
+        evaluate_config=setup_record,
+        evaluate_fn=evaluate,
+    )
+    # Later rounds overwrite earlier ones: each client's latest figure is its cumulative epsilon.
+    per_client = {
+        cid: m.get("epsilon") for r in sorted(recorder.train) for cid, m in recorder.train[r].items()
+    }
+    logger.info("training done; fitting the threshold and exporting the detector to %s", setup.out_dir)
+    return pipeline.finish(setup, best["weights"], rounds, per_client, started, best_round=best["round"])
+
+
+def _weighted(per_client: dict[int, dict[str, float]], key: str) -> float:
+    pairs = [(m[key], m["num-examples"]) for m in per_client.values() if key in m]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else float("nan")
+
+
+def build_server_app(config: FedaeConfig | None = None) -> ServerApp:
+    """A ServerApp running ``config``, or the run config Flower passes (``flwr run .``) when None."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, config or FedaeConfig.from_run_config(context.run_config))
+
+    return server_app
+
+
+app = build_server_app()

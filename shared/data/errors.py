@@ -1,0 +1,20 @@
+"""One exception for bad input data, carrying where the problem is (file, row, column) and why."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file, row or column and the reason."""
+
+    def __init__(
+        self, message: str, *, path: str | None = None, row: int | None = None, column: str | None = None
+    ) -> None:
+        where = []
+        if path:
+            where.append(str(path))
+        if row is not None:
+            where.append(f"row {row}")
+        if column is not None:
+            where.append(f"column {column!r}")
+        super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")
+        self.path, self.row, self.column = path, row, column

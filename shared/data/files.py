@@ -1,0 +1,183 @@
+"""Readers for site files (CSV, Parquet, NPZ) with schema checks that name the file, row and column."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shared.data.errors import DataError
+
+SUPPORTED_SUFFIXES = (".csv", ".parquet", ".pq", ".npz")
+
+
+@dataclass(frozen=True)
+class Table:
+    """Numeric features of one file, with optional 0/1 labels and the features' names or image shape."""
+
+    path: str
+    x: np.ndarray  # float32, [rows, features] or [rows, h, w, c]
+    labels: np.ndarray | None
+    feature_names: tuple[str, ...]
+
+    @property
+    def is_image(self) -> bool:
+        return self.x.ndim == 4
+
+
+def list_site_files(data_dir: str) -> list[Path]:
+    """Site files of ``data_dir`` sorted by name: file k is client k."""
+    folder = Path(data_dir)
+    if not folder.exists():
+        raise DataError("data directory does not exist", path=str(folder))
+    if not folder.is_dir():
+        raise DataError("expected a directory holding one data file per site", path=str(folder))
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUPPORTED_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"no site files ({', '.join(SUPPORTED_SUFFIXES)}) found", path=str(folder))
+    return files
+
+
+def read_table(path: str | Path, label_column: str = "label", require_labels: bool = False) -> Table:
+    """Read one CSV, Parquet or NPZ file and check that every value is a finite number."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file does not exist", path=str(path))
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        table = _read_npz(path, label_column)
+    elif suffix in (".csv", ".parquet", ".pq"):
+        table = _read_frame(path, label_column)
+    else:
+        raise DataError(
+            f"unsupported file type {suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}", path=str(path)
+        )
+    if require_labels and table.labels is None:
+        raise DataError(f"no label column {label_column!r} (1 = anomaly, 0 = normal)", path=str(path))
+    if len(table.x) == 0:
+        raise DataError("file has no rows", path=str(path))
+    return table
+
+
+def _read_frame(path: Path, label_column: str) -> Table:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    except Exception as err:  # pandas raises many types for unreadable files; all mean "bad file"
+        raise DataError(
+            f"cannot be read as {path.suffix.lstrip('.').upper()}: {err}", path=str(path)
+        ) from err
+    labels = None
+    if label_column in frame.columns:
+        labels = _labels(frame[label_column].to_numpy(), path, label_column)
+        frame = frame.drop(columns=[label_column])
+    # An "id" column is carried by users for joining results, never a feature.
+    frame = frame.drop(columns=[c for c in frame.columns if str(c).lower() == "id"])
+    if frame.shape[1] == 0:
+        raise DataError("no feature columns", path=str(path))
+    x = np.empty(frame.shape, dtype=np.float32)
+    for j, column in enumerate(frame.columns):
+        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raw = _plain(frame[column].iloc[row])
+            if pd.isna(raw):
+                reason = "value is missing (empty or NaN)"
+            elif pd.isna(values[row]):
+                reason = f"value {raw!r} is not a number"
+            else:
+                reason = f"value {raw!r} is infinite"
+            raise DataError(reason, path=str(path), row=row + 1, column=str(column))
+        x[:, j] = values
+    return Table(str(path), x, labels, tuple(str(c) for c in frame.columns))
+
+
+def _read_npz(path: Path, label_column: str) -> Table:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as err:  # corrupt archives raise zipfile/OSError/ValueError variants
+        raise DataError(f"cannot be read as NPZ: {err}", path=str(path)) from err
+    with archive:
+        if "x" not in archive.files:
+            raise DataError(f"NPZ needs an array named 'x' (found {archive.files})", path=str(path))
+        x = archive["x"]
+        labels = None
+        for key in (label_column, "y"):
+            if key in archive.files:
+                labels = _labels(archive[key], path, key)
+                break
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"array 'x' has non-numeric dtype {x.dtype}", path=str(path), column="x")
+    if x.ndim == 3:  # grey-scale images without a channel axis
+        x = x[..., None]
+    if x.ndim not in (2, 4):
+        raise DataError(
+            f"array 'x' must be [rows, features] or [rows, height, width(, channels)], got shape {x.shape}",
+            path=str(path),
+            column="x",
+        )
+    flat = x.reshape(len(x), -1)
+    bad_rows = np.flatnonzero(~np.isfinite(flat).all(axis=1))
+    if bad_rows.size:
+        raise DataError(
+            "contains NaN or infinite values", path=str(path), row=int(bad_rows[0]) + 1, column="x"
+        )
+    if labels is not None and len(labels) != len(x):
+        raise DataError(f"{len(labels)} labels for {len(x)} rows", path=str(path), column=label_column)
+    names = tuple(f"f{i}" for i in range(x.shape[1])) if x.ndim == 2 else ()
+    return Table(str(path), x.astype(np.float32), labels, names)
+
+
+def _labels(values: np.ndarray, path: Path, column: str) -> np.ndarray:
+    import pandas as pd
+
+    numeric = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy()
+    bad = ~np.isin(numeric, (0, 1))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"label {_plain(values[row])!r} is not 0 (normal) or 1 (anomaly)",
+            path=str(path),
+            row=row + 1,
+            column=column,
+        )
+    return numeric.astype(np.int64)
+
+
+def _plain(value: object) -> object:
+    """numpy scalars as Python values, so messages read `7`, not `np.int64(7)`."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def check_consistent(tables: list[Table]) -> None:
+    """All sites must share one schema: same feature names (order may differ for tables) or image shape."""
+    first = tables[0]
+    for table in tables[1:]:
+        if first.is_image != table.is_image or (first.is_image and first.x.shape[1:] != table.x.shape[1:]):
+            raise DataError(
+                f"shape {table.x.shape[1:]} differs from {first.path}'s {first.x.shape[1:]}", path=table.path
+            )
+        if not first.is_image and set(first.feature_names) != set(table.feature_names):
+            missing = sorted(set(first.feature_names) - set(table.feature_names))
+            extra = sorted(set(table.feature_names) - set(first.feature_names))
+            raise DataError(
+                f"columns differ from {Path(first.path).name}: missing {missing}, extra {extra}",
+                path=table.path,
+            )
+
+
+def align_columns(table: Table, names: tuple[str, ...]) -> np.ndarray:
+    """Return the table's features in the order ``names`` (matched by name, so column order may differ)."""
+    if table.is_image or table.feature_names == names:
+        return table.x
+    missing = [n for n in names if n not in table.feature_names]
+    if missing:
+        raise DataError(f"missing column(s) {missing}", path=table.path, column=missing[0])
+    extra = [n for n in table.feature_names if n not in names]
+    if extra:
+        raise DataError(f"unexpected column(s) {extra}", path=table.path, column=extra[0])
+    index = [table.feature_names.index(n) for n in names]
+    return table.x[:, index]

@@ -1,0 +1,204 @@
+"""The server's side of a run without Flower: set-up before round 1 and the detector after the last.
+
+Set-up: load the coordinator's calibration and test data, fit the scaler, build the initial model.
+Finish: fit the threshold on calibration errors, score the test split, compare with baselines, export
+the bundle, write ``summary.json``, plots and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared import privacy
+from shared.config import FedaeConfig
+from shared.data.sources import DataSpec, ServerData, load_client_data, load_server_data, num_clients_for
+from shared.detector import Detector, describe_rule, detection_metrics, fit_threshold, save_bundle
+from shared.models import reconstruction_errors
+from shared.preprocess import Scaler
+from shared.task import make_scaler, trainer_for
+
+logger = logging.getLogger("fedae")
+
+
+@dataclass
+class RunSetup:
+    config: FedaeConfig
+    data: ServerData
+    scaler: Scaler
+    num_clients: int
+    out_dir: Path
+
+    @property
+    def spec(self) -> DataSpec:
+        return self.data.spec
+
+
+def default_out_dir(config: FedaeConfig) -> Path:
+    return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{config.scenario}"
+
+
+def prepare(config: FedaeConfig) -> RunSetup:
+    data = load_server_data(config)
+    scaler = make_scaler(config, data.spec, data.x_calibration)
+    out_dir = Path(config.out_dir) if config.out_dir else default_out_dir(config)
+    return RunSetup(config, data, scaler, num_clients_for(config), out_dir)
+
+
+def initial_weights(setup: RunSetup) -> list[np.ndarray]:
+    return trainer_for(setup.config, setup.spec, setup.scaler).get_weights()
+
+
+def calibration_loss(setup: RunSetup, weights: list[np.ndarray]) -> float:
+    """Mean training loss of ``weights`` on the server's calibration rows (no client data involved)."""
+    trainer = trainer_for(setup.config, setup.spec, setup.scaler)
+    trainer.set_weights(weights)
+    return trainer.mean_loss(setup.scaler.transform(setup.data.x_calibration))
+
+
+def privacy_section(
+    config: FedaeConfig, per_client: dict[int, float | None], per_round_max: list[float]
+) -> dict[str, Any]:
+    dp = config.dp_enabled
+    return {
+        "dp": dp,
+        "delta": config.delta if dp else None,
+        "accountant": config.accountant.upper() if dp else None,
+        "sampling": privacy.SAMPLING if dp else None,
+        "neighbouring": privacy.NEIGHBOURING if dp else None,
+        "statement": privacy.describe(config.delta, config.accountant) if dp else "no DP",
+        "noise_multiplier": config.noise_multiplier,
+        "l2_norm_clip": config.l2_norm_clip,
+        "not_covered": (
+            "per-round scalar metrics each client reports (its training loss, held-out loss, "
+            "example count) are sent in the clear and are outside the DP guarantee"
+        )
+        if dp
+        else None,
+        "sample_level": {
+            "max_epsilon": max(v for v in per_client.values() if v is not None)
+            if dp and per_client
+            else None,
+            "per_client": {str(k): (v if dp else None) for k, v in sorted(per_client.items())},
+            "per_round_max_epsilon": per_round_max if dp else [],
+        },
+    }
+
+
+def comparison(setup: RunSetup, federated_auc: float) -> dict[str, float]:
+    """Federated model vs the same AE trained centrally without DP vs IsolationForest, same test split."""
+    from shared.baselines import central_autoencoder_auc, isolation_forest_auc
+    from shared.task import model_spec, train_settings
+
+    config = setup.config
+    pooled = np.concatenate([load_client_data(config, c).x_train for c in range(setup.num_clients)])
+    x_pool, x_test = setup.scaler.transform(pooled), setup.scaler.transform(setup.data.x_test)
+    spec = model_spec(config, setup.spec, setup.scaler)
+    label = f"federated {config.model} AE ({'DP-SGD' if config.dp_enabled else 'no DP'})"
+    return {
+        label: federated_auc,
+        f"central {config.model} AE (no DP)": central_autoencoder_auc(
+            spec,
+            train_settings(config, setup.spec),
+            x_pool,
+            x_test,
+            setup.data.y_test,
+            epochs=config.num_server_rounds * config.local_epochs,
+            seed=config.seed,
+        ),
+        "IsolationForest (central)": isolation_forest_auc(
+            x_pool, x_test, setup.data.y_test, seed=config.seed
+        ),
+    }
+
+
+def finish(
+    setup: RunSetup,
+    weights: list[np.ndarray],
+    rounds: list[dict[str, Any]],
+    per_client_epsilon: dict[int, float | None],
+    started: float,
+    compare: bool = True,
+    best_round: int | None = None,
+) -> dict[str, Any]:
+    """Fit the threshold, evaluate, export the bundle and write the report; returns the summary."""
+    config = setup.config
+    out_dir = setup.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = trainer_for(config, setup.spec, setup.scaler)
+    trainer.set_weights(weights)
+    spec = trainer.spec
+    calibration_errors = reconstruction_errors(
+        trainer.model, spec, setup.scaler.transform(setup.data.x_calibration)
+    )
+    threshold = fit_threshold(
+        calibration_errors, config.threshold_rule, config.threshold_percentile, config.threshold_k
+    )
+    test_scores = reconstruction_errors(trainer.model, spec, setup.scaler.transform(setup.data.x_test))
+    detector_metrics = detection_metrics(test_scores, setup.data.y_test, threshold)
+    rule = describe_rule(config.threshold_rule, config.threshold_percentile, config.threshold_k)
+    per_round_max = [r["max_epsilon"] for r in rounds if r.get("max_epsilon") is not None]
+    privacy_info = privacy_section(config, per_client_epsilon, per_round_max)
+
+    detector = Detector(
+        trainer.model,
+        spec,
+        setup.scaler,
+        threshold,
+        config.threshold_rule,
+        {
+            "input_schema": {
+                "kind": setup.spec.kind,
+                "shape": list(setup.spec.input_shape),
+                "feature_names": list(setup.spec.feature_names),
+            },
+            "threshold_rule": rule,
+            "privacy": privacy_info,
+            "training_run": {
+                "scenario": config.scenario,
+                "rounds": config.num_server_rounds,
+                "clients": setup.num_clients,
+                "strategy": config.strategy,
+                "best_round": best_round,
+                "run_config": config.to_run_config(),
+                "created": datetime.now(UTC).isoformat(),
+            },
+        },
+    )
+    save_bundle(detector, out_dir / "bundle")
+
+    summary: dict[str, Any] = {
+        "scenario": config.scenario,
+        "model": config.model,
+        "strategy": config.strategy,
+        "num_clients": setup.num_clients,
+        "num_rounds": config.num_server_rounds,
+        "best_round": best_round,
+        "data_protocol": setup.spec.protocol or "rows labelled 1 are anomalies",
+        "data_notes": setup.data.notes,
+        "rounds": rounds,
+        "privacy": privacy_info,
+        "detector": {
+            **detector_metrics,
+            "threshold_rule": rule,
+            "calibration_rows": len(setup.data.x_calibration),
+            "test_rows": len(setup.data.y_test),
+            "test_anomaly_rows": int(setup.data.y_test.sum()),
+        },
+        "comparison": comparison(setup, detector_metrics["test_auc"]) if compare else {},
+        "bundle": "bundle",
+        "run_config": config.to_run_config(),
+        "wall_time_s": round(time.time() - started, 1),
+    }
+    from shared.report import write_plots, write_report, write_summary
+
+    plots = write_plots(summary, test_scores, setup.data.y_test, out_dir)
+    summary["report"] = write_report(summary, plots, out_dir).name
+    write_summary(summary, out_dir)
+    return summary

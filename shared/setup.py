@@ -1,0 +1,49 @@
+"""The run setup the server sends with every message: config, data spec and scaler, as flat values.
+
+Flower's ``ConfigRecord`` holds scalars and lists of scalars; these functions turn the typed objects
+into such a mapping and back, so the glue code only wraps the mapping in a record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from shared.config import FedaeConfig
+from shared.data.sources import DataSpec
+from shared.preprocess import Scaler
+
+_PREFIX = "fedae."
+
+
+def encode_setup(config: FedaeConfig, spec: DataSpec, scaler: Scaler) -> dict[str, Any]:
+    values: dict[str, Any] = dict(config.to_run_config())
+    values |= {
+        f"{_PREFIX}kind": spec.kind,
+        f"{_PREFIX}input-shape": list(spec.input_shape),
+        f"{_PREFIX}feature-names": list(spec.feature_names) or [""],
+        f"{_PREFIX}value-range": list(spec.value_range) if spec.value_range else [],
+        f"{_PREFIX}scaler-offset": [float(v) for v in scaler.offset.ravel()],
+        f"{_PREFIX}scaler-scale": [float(v) for v in scaler.scale.ravel()],
+        f"{_PREFIX}scaler-flatten": scaler.flatten,
+    }
+    return values
+
+
+def decode_setup(values: Mapping[str, Any]) -> tuple[FedaeConfig, DataSpec, Scaler]:
+    values = dict(values)
+    run_config = {k: v for k, v in values.items() if not k.startswith(_PREFIX) and k != "server-round"}
+    config = FedaeConfig.from_run_config(run_config)
+    shape = tuple(int(v) for v in values[f"{_PREFIX}input-shape"])
+    names = tuple(n for n in values[f"{_PREFIX}feature-names"] if n)
+    value_range = tuple(values[f"{_PREFIX}value-range"]) or None
+    spec = DataSpec(str(values[f"{_PREFIX}kind"]), shape, names, value_range)  # type: ignore[arg-type]
+    scaler = Scaler.from_dict(
+        {
+            "offset": values[f"{_PREFIX}scaler-offset"],
+            "scale": values[f"{_PREFIX}scaler-scale"],
+            "input_shape": list(shape),
+            "flatten": values[f"{_PREFIX}scaler-flatten"],
+        }
+    )
+    return config, spec, scaler

@@ -1,0 +1,134 @@
+"""What one client does in a round, and how the server scores a model: plain functions, no Flower.
+
+The ClientApp and ServerApp translate Flower messages to and from these functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared import privacy
+from shared.config import FedaeConfig
+from shared.data.sources import ClientData, DataSpec, load_client_data
+from shared.models import ModelSpec
+from shared.preprocess import Scaler
+from shared.training import LocalTrainer, TrainSettings, get_trainer
+
+logger = logging.getLogger(f"fedae.{__name__}")
+
+
+def model_spec(config: FedaeConfig, spec: DataSpec, scaler: Scaler) -> ModelSpec:
+    activation = "sigmoid" if spec.kind == "image" else "linear"
+    return ModelSpec(config.model, scaler.model_input_shape, config.latent_dim, activation)
+
+
+def train_settings(config: FedaeConfig, spec: DataSpec) -> TrainSettings:
+    return TrainSettings(
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        noise_multiplier=config.noise_multiplier,
+        l2_norm_clip=config.l2_norm_clip,
+        denoise_stddev=config.denoise_stddev,
+        input_range=(0.0, 1.0) if spec.kind == "image" else None,
+    )
+
+
+def make_scaler(config: FedaeConfig, spec: DataSpec, x_calibration: np.ndarray) -> Scaler:
+    return Scaler.fit(x_calibration, spec.kind, spec.value_range, flatten=config.model != "conv")
+
+
+def trainer_for(config: FedaeConfig, spec: DataSpec, scaler: Scaler) -> LocalTrainer:
+    from shared.tfenv import configure_tensorflow
+
+    threads = int(os.environ.get("FEDAE_TF_THREADS", "0")) or None
+    configure_tensorflow(threads)
+    return get_trainer(model_spec(config, spec, scaler), train_settings(config, spec))
+
+
+_CLIENT_DATA: dict[tuple[object, ...], ClientData] = {}
+
+
+def client_data(config: FedaeConfig, client_id: int) -> ClientData:
+    """The client's data, loaded once per process (a simulation worker serves many clients)."""
+    key = (
+        config.scenario,
+        config.seed,
+        config.partition,
+        config.num_clients,
+        config.dirichlet_alpha,
+        config.data_dir,
+        config.label_column,
+        config.normal_classes,
+        config.batch_size,
+        client_id,
+    )
+    if key not in _CLIENT_DATA:
+        if len(_CLIENT_DATA) > 64:  # bound memory when a worker serves many virtual clients
+            _CLIENT_DATA.clear()
+        _CLIENT_DATA[key] = load_client_data(config, client_id)
+    return _CLIENT_DATA[key]
+
+
+@dataclass
+class TrainOutcome:
+    weights: list[np.ndarray]
+    num_examples: int
+    train_loss: float
+    event: privacy.TrainingEvent | None
+    epsilon: float | None  # cumulative, None without DP
+
+
+def train_client(
+    config: FedaeConfig,
+    spec: DataSpec,
+    scaler: Scaler,
+    weights: list[np.ndarray],
+    client_id: int,
+    server_round: int,
+    ledger: list[privacy.TrainingEvent],
+) -> TrainOutcome:
+    """Local DP-SGD from ``weights``; the new event is appended to ``ledger`` before weights are returned."""
+    data = client_data(config, client_id)
+    if config.dp_enabled:
+        privacy.check_delta(config.delta, data.num_examples)
+    trainer = trainer_for(config, spec, scaler)
+    trainer.set_weights(weights)
+    mu = config.proximal_mu if config.strategy == "fedprox" else 0.0
+    result = trainer.fit(scaler.transform(data.x_train), epochs=config.local_epochs, proximal_mu=mu)
+    event = epsilon = None
+    if config.dp_enabled:
+        event = privacy.TrainingEvent(
+            server_round,
+            config.noise_multiplier,
+            result.sampling_probability,
+            result.steps,
+            result.num_examples,
+        )
+        ledger.append(event)
+        epsilon = privacy.cumulative_epsilon(ledger, config.delta, config.accountant)
+    return TrainOutcome(trainer.get_weights(), result.num_examples, result.loss, event, epsilon)
+
+
+def evaluate_client(
+    config: FedaeConfig, spec: DataSpec, scaler: Scaler, weights: list[np.ndarray], client_id: int
+) -> dict[str, float]:
+    """Reconstruction loss on the client's held-out rows, and ROC-AUC where it has labelled rows."""
+    from sklearn.metrics import roc_auc_score
+
+    from shared.models import reconstruction_errors
+
+    data = client_data(config, client_id)
+    trainer = trainer_for(config, spec, scaler)
+    trainer.set_weights(weights)
+    metrics = {
+        "eval-loss": trainer.mean_loss(scaler.transform(data.x_holdout)),
+        "num-examples": float(len(data.x_holdout)),
+    }
+    if data.x_labelled is not None and data.y_labelled is not None and len(np.unique(data.y_labelled)) == 2:
+        scores = reconstruction_errors(trainer.model, trainer.spec, scaler.transform(data.x_labelled))
+        metrics["auc"] = float(roc_auc_score(data.y_labelled, scores))
+    return metrics

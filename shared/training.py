@@ -1,0 +1,314 @@
+"""Local training with DP-SGD, the only module that imports tensorflow-privacy.
+
+DP-SGD here follows Abadi et al. (2016) with Poisson sampling, the sampling the accountant assumes:
+
+1. each step includes every local example independently with probability ``q = batch-size / n``;
+2. each included example's gradient is clipped to L2 norm ``l2-norm-clip`` (C);
+3. Gaussian noise N(0, (noise-multiplier * C)^2) is added to the *sum* of clipped gradients;
+4. the sum is divided by the *expected* batch size ``q * n``, not the sampled one: the sampled size is
+   itself data-dependent and dividing by it would leak it (as Opacus does for Poisson sampling).
+
+Per-example gradient norms come from tensorflow-privacy's fast ("ghost") clipping
+(``clip_grads.compute_gradient_norms`` with its layer registry) when every trainable layer is
+registered (Dense models: dense autoencoder and VAE); otherwise from exact per-example gradients with
+``tf.vectorized_map`` (the conv autoencoder: the registry has no Conv2D function). Both give the same
+clipped sum; only the speed differs. Batches are padded to a fixed size with zero-weight rows, so shapes
+never change and nothing retraces; zero-weight rows contribute exactly zero.
+
+A trainer is built once per process and model configuration and reused across rounds and across the
+virtual clients a simulation worker serves (weights set, optimizer state reset, RNG reseeded per fit).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+from tensorflow_privacy.privacy.fast_gradient_clipping import (
+    clip_grads,
+    gradient_clipping_utils,
+    layer_registry,
+)
+
+import shared.tfenv  # noqa: F401  (import-time switches before TensorFlow and tensorflow-privacy)
+from shared.models import ModelSpec, build_model, per_example_loss
+
+logger = logging.getLogger(f"fedae.{__name__}")
+
+
+class TrainingDataError(ValueError):
+    """The local data cannot be trained on with these settings (e.g. fewer rows than a batch)."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The settings that shape the compiled training functions; one trainer per distinct value."""
+
+    batch_size: int
+    learning_rate: float
+    noise_multiplier: float
+    l2_norm_clip: float
+    denoise_stddev: float = 0.0
+    input_range: tuple[float, float] | None = None  # clamp noisy inputs (images) to this range
+
+    @property
+    def dp(self) -> bool:
+        return self.noise_multiplier > 0 or self.l2_norm_clip > 0
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What one local fit did; the sampling facts feed the privacy accountant."""
+
+    loss: float  # mean per-example training loss (unclipped), over examples seen
+    steps: int
+    sampling_probability: float
+    num_examples: int
+    epochs: int
+
+
+class LocalTrainer:
+    """A model plus compiled DP-SGD (or plain) training steps for one model spec and settings."""
+
+    def __init__(self, spec: ModelSpec, settings: TrainSettings) -> None:
+        if settings.dp and settings.l2_norm_clip <= 0:
+            raise ValueError(f"DP-SGD needs l2_norm_clip > 0, got {settings.l2_norm_clip}")
+        self.spec = spec
+        self.settings = settings
+        self.model = build_model(spec)
+        self.loss_fn = per_example_loss(spec)
+        self.optimizer = tf.keras.optimizers.Adam(learning_rate=settings.learning_rate)
+        self.optimizer.build(self.model.trainable_variables)
+        self.registry = layer_registry.make_default_layer_registry()
+        self.fast_clipping = gradient_clipping_utils.all_trainable_layers_are_registered(
+            self.model, self.registry
+        )
+        # Padded batch capacity: expected size + 4 standard deviations of the Poisson batch size.
+        b = settings.batch_size
+        self.capacity = b + math.ceil(4.0 * math.sqrt(b)) + 1
+        self.noise_generator = tf.random.Generator.from_seed(0)
+        # FedProx: mu/2 * ||w - w_global||^2 is added to the loss. Its gradient depends on the weights
+        # only, not on any example, so it is added after clipping and noise at no privacy cost.
+        self.proximal_mu = tf.Variable(0.0, trainable=False, dtype=tf.float32)
+        self.anchor = [tf.Variable(v, trainable=False) for v in self.model.trainable_variables]
+        self.trace_count = 0
+        x_sig = tf.TensorSpec((None, *spec.input_shape), tf.float32)
+        idx_sig = tf.TensorSpec((self.capacity,), tf.int32)
+        w_sig = tf.TensorSpec((self.capacity,), tf.float32)
+        # XLA compiles the fast (dense) path; the per-example fallback runs without it (see STACK.md).
+        jit = bool(self.fast_clipping)
+        self._clipped_sum = tf.function(
+            self._clipped_sum_impl,
+            input_signature=[x_sig, idx_sig, w_sig],
+            jit_compile=jit,
+            reduce_retracing=True,
+        )
+        grad_sigs = [tf.TensorSpec(v.shape, v.dtype) for v in self.model.trainable_variables]
+        self._apply_noisy = tf.function(self._apply_noisy_impl, input_signature=[grad_sigs])
+        self._plain_step = tf.function(
+            self._plain_step_impl, input_signature=[x_sig, idx_sig, w_sig], jit_compile=jit
+        )
+        self._initial_optimizer_state = [v.numpy() for v in self.optimizer.variables()]
+        logger.debug(
+            "trainer for %s: fast clipping %s, capacity %d", spec.kind, self.fast_clipping, self.capacity
+        )
+
+    # -- weights ---------------------------------------------------------------------------------------
+    def get_weights(self) -> list[np.ndarray]:
+        return [w.copy() for w in self.model.get_weights()]
+
+    def set_weights(self, weights: list[np.ndarray]) -> None:
+        expected = [tuple(w.shape) for w in self.model.get_weights()]
+        got = [tuple(np.shape(w)) for w in weights]
+        if expected != got:
+            raise ValueError(f"weight shapes {got} do not match the model's {expected}")
+        self.model.set_weights(weights)
+
+    def reset_optimizer(self) -> None:
+        """Forget Adam's moments: every client round starts from the received weights alone."""
+        for variable, value in zip(self.optimizer.variables(), self._initial_optimizer_state, strict=True):
+            variable.assign(value)
+
+    # -- model inputs -------------------------------------------------------------------------------------
+    def _inputs_and_targets(self, x: tf.Tensor) -> tuple[object, tf.Tensor]:
+        """Model inputs (noisy for the denoising option, plus VAE noise) and the clean targets."""
+        inputs = x
+        if self.settings.denoise_stddev > 0:
+            inputs = x + self.noise_generator.normal(tf.shape(x), stddev=self.settings.denoise_stddev)
+            if self.settings.input_range is not None:
+                inputs = tf.clip_by_value(inputs, *self.settings.input_range)
+        if self.spec.kind == "vae":
+            eps = self.noise_generator.normal((tf.shape(x)[0], self.spec.latent_dim))
+            return [inputs, eps], x
+        return inputs, x
+
+    # -- DP-SGD ---------------------------------------------------------------------------------------------
+    def _clipped_sum_impl(self, x_all: tf.Tensor, idx: tf.Tensor, weights: tf.Tensor):
+        """Sum over the padded batch of per-example gradients clipped to norm C (weight 0 = padding)."""
+        self.trace_count += 1  # Python side effect: runs only while tracing
+        x = tf.gather(x_all, idx)
+        inputs, targets = self._inputs_and_targets(x)
+        clip = self.settings.l2_norm_clip
+        variables = self.model.trainable_variables
+        if self.fast_clipping:
+            norms = clip_grads.compute_gradient_norms(
+                self.model,
+                self.registry,
+                inputs,
+                targets,
+                weight_batch=weights,
+                per_example_loss_fn=lambda y, p, w: self.loss_fn(y, p) * w,
+                trainable_vars=variables,
+            )
+            clip_weights = weights * clip / tf.maximum(clip, norms)
+            with tf.GradientTape() as tape:
+                losses = self.loss_fn(targets, self.model(inputs, training=True))
+                weighted = tf.reduce_sum(losses * tf.stop_gradient(clip_weights))
+            grads = tape.gradient(weighted, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        else:
+
+            def example_grads(args):
+                example_inputs, target = args
+                batched = tf.nest.map_structure(lambda t: t[None], example_inputs)
+                with tf.GradientTape() as tape:
+                    loss = self.loss_fn(target[None], self.model(batched, training=True))[0]
+                g = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                norm = tf.linalg.global_norm(g)
+                factor = clip / tf.maximum(clip, norm)
+                return [gi * factor for gi in g]
+
+            per_example = tf.vectorized_map(example_grads, (inputs, targets))
+            grads = [tf.tensordot(weights, g, axes=1) for g in per_example]
+            losses = self.loss_fn(targets, self.model(inputs, training=False))
+        return grads, tf.reduce_sum(losses * weights)
+
+    def _apply_noisy_impl(self, grad_sum: list[tf.Tensor]) -> tf.Tensor:
+        self.trace_count += 1
+        std = self.settings.noise_multiplier * self.settings.l2_norm_clip
+        expected_batch = float(self.settings.batch_size)
+        noisy = [
+            (g + self.noise_generator.normal(tf.shape(g), stddev=std)) / expected_batch for g in grad_sum
+        ]
+        self.optimizer.apply_gradients(
+            zip(self._with_proximal(noisy), self.model.trainable_variables, strict=True)
+        )
+        return tf.constant(0)
+
+    def _with_proximal(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
+        return [
+            g + self.proximal_mu * (w - a)
+            for g, w, a in zip(grads, self.model.trainable_variables, self.anchor, strict=True)
+        ]
+
+    # -- non-private baseline ---------------------------------------------------------------------------
+    def _plain_step_impl(self, x_all: tf.Tensor, idx: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+        self.trace_count += 1
+        x = tf.gather(x_all, idx)
+        inputs, targets = self._inputs_and_targets(x)
+        with tf.GradientTape() as tape:
+            losses = self.loss_fn(targets, self.model(inputs, training=True))
+            loss = tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+        grads = tape.gradient(loss, self.model.trainable_variables)
+        self.optimizer.apply_gradients(
+            zip(self._with_proximal(grads), self.model.trainable_variables, strict=True)
+        )
+        return tf.reduce_sum(losses * weights)
+
+    # -- public ---------------------------------------------------------------------------------------
+    def dp_gradient(self, x: np.ndarray, indices: np.ndarray, noise: bool = True) -> list[np.ndarray]:
+        """The privatised gradient DP-SGD would apply for the batch ``indices`` (for tests and audits)."""
+        grad_sum = self._clipped_sum_for(tf.convert_to_tensor(x), indices)[0]
+        std = self.settings.noise_multiplier * self.settings.l2_norm_clip if noise else 0.0
+        return [
+            ((g + self.noise_generator.normal(tf.shape(g), stddev=std)) / self.settings.batch_size).numpy()
+            for g in grad_sum
+        ]
+
+    def _padded(self, chunk: np.ndarray) -> tuple[tf.Tensor, tf.Tensor]:
+        idx = np.zeros(self.capacity, dtype=np.int32)
+        weights = np.zeros(self.capacity, dtype=np.float32)
+        idx[: len(chunk)] = chunk
+        weights[: len(chunk)] = 1.0
+        return tf.constant(idx), tf.constant(weights)
+
+    def _clipped_sum_for(self, x_all: tf.Tensor, indices: np.ndarray) -> tuple[list[tf.Tensor], float]:
+        total, loss_sum = None, 0.0
+        # A Poisson batch larger than the padded capacity (probability < 1e-4) is split into chunks
+        # whose clipped sums are added: the step stays exactly the one the accountant assumes.
+        for start in range(0, max(1, len(indices)), self.capacity):
+            grads, loss = self._clipped_sum(x_all, *self._padded(indices[start : start + self.capacity]))
+            total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
+            loss_sum += float(loss)
+        return total, loss_sum  # type: ignore[return-value]
+
+    def fit(self, x: np.ndarray, epochs: int, seed: int | None = None, proximal_mu: float = 0.0) -> FitResult:
+        """Train on ``x`` (already scaled) for ``epochs`` local epochs from the current weights.
+
+        ``seed`` fixes sampling and noise for reproducible tests; by default both come from the OS's
+        entropy source, because DP noise that an attacker can regenerate from a known seed protects
+        nothing.
+        """
+        n = len(x)
+        b = self.settings.batch_size
+        if n < b:
+            raise TrainingDataError(
+                f"{n} training rows is fewer than batch-size {b}; lower batch-size "
+                "or give this client more data"
+            )
+        seed = secrets.randbits(63) if seed is None else seed
+        rng = np.random.default_rng(seed)
+        self.noise_generator.reset_from_seed(seed)
+        self.reset_optimizer()
+        self.proximal_mu.assign(proximal_mu)
+        for anchor, variable in zip(self.anchor, self.model.trainable_variables, strict=True):
+            anchor.assign(variable)
+        x_all = tf.convert_to_tensor(x, dtype=tf.float32)
+        q = b / n
+        steps_per_epoch = math.ceil(n / b)
+        loss_sum, seen, steps = 0.0, 0, 0
+        for _ in range(epochs):
+            if self.settings.dp:
+                for _ in range(steps_per_epoch):
+                    indices = np.flatnonzero(rng.random(n) < q)
+                    grads, batch_loss = self._clipped_sum_for(x_all, indices)
+                    self._apply_noisy(grads)
+                    loss_sum, seen, steps = loss_sum + batch_loss, seen + len(indices), steps + 1
+            else:
+                order = rng.permutation(n)
+                for start in range(0, n, b):
+                    idx, weights = self._padded(order[start : start + b])
+                    loss_sum += float(self._plain_step(x_all, idx, weights))
+                    seen, steps = seen + min(b, n - start), steps + 1
+        return FitResult(
+            loss=loss_sum / max(seen, 1),
+            steps=steps,
+            sampling_probability=q if self.settings.dp else 1.0,
+            num_examples=n,
+            epochs=epochs,
+        )
+
+    def mean_loss(self, x: np.ndarray) -> float:
+        """Mean per-example training loss on ``x`` (VAE: with posterior-mean decoding)."""
+        if len(x) == 0:
+            return float("nan")
+        inputs: object = tf.convert_to_tensor(x)
+        if self.spec.kind == "vae":
+            inputs = [inputs, tf.zeros((len(x), self.spec.latent_dim))]
+        return float(
+            tf.reduce_mean(self.loss_fn(tf.convert_to_tensor(x), self.model(inputs, training=False)))
+        )
+
+
+_TRAINERS: dict[tuple[ModelSpec, TrainSettings], LocalTrainer] = {}
+
+
+def get_trainer(spec: ModelSpec, settings: TrainSettings) -> LocalTrainer:
+    """The process-wide trainer for this spec and settings: built, compiled and traced once."""
+    key = (spec, settings)
+    if key not in _TRAINERS:
+        _TRAINERS[key] = LocalTrainer(spec, settings)
+    return _TRAINERS[key]

@@ -1,0 +1,1 @@
+"""Scenario files and the runner behind ``fedae simulate`` (Flower's Simulation Engine)."""

@@ -1,0 +1,123 @@
+"""Run a whole federation in one process with Flower's Simulation Engine (Ray).
+
+Worker count: Flower gives each simulated client 2 CPUs by default, which on a 2-core machine means one
+client trains at a time. That is deliberate here: TensorFlow already uses both cores for one client's
+step, and two workers would each import TensorFlow and build the model (seconds of start-up and
+hundreds of MB each) to then fight over the same cores. Each worker's TensorFlow gets as many threads as
+the worker has CPUs. With a GPU, clients share it through fractional ``num_gpus``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from shared.config import FedaeConfig
+from shared.data.sources import load_client_data, load_server_data, num_clients_for
+from shared.privacy import check_delta
+
+logger = logging.getLogger("fedae")
+
+
+def validate_inputs(config: FedaeConfig) -> int:
+    """Load every part of the data once before Flower starts, so bad input fails fast and clearly.
+
+    Returns the number of clients. Raises ``DataError`` / ``ConfigError`` naming the problem.
+    """
+    from shared.config import ConfigError
+
+    server = load_server_data(config)
+    num_clients = num_clients_for(config)
+    if num_clients < 1:
+        raise ConfigError("a federation needs at least one client")
+    for client_id in range(num_clients):
+        data = load_client_data(config, client_id)
+        if data.num_examples < config.batch_size:
+            raise ConfigError(
+                f"client {client_id} has {data.num_examples} training rows, fewer than "
+                f"batch-size {config.batch_size}; lower batch-size or add data"
+            )
+        if data.x_train.shape[1:] != server.x_test.shape[1:]:
+            raise ConfigError(
+                f"client {client_id}'s rows have shape {data.x_train.shape[1:]}, the test "
+                f"data {server.x_test.shape[1:]}"
+            )
+        if config.dp_enabled:
+            try:
+                check_delta(config.delta, data.num_examples)
+            except ValueError as err:
+                raise ConfigError(f"client {client_id}: {err}") from err
+    return num_clients
+
+
+def backend_config(cpus_per_client: int, gpus_per_client: float) -> dict[str, Any]:
+    return {
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
+        "init_args": {"logging_level": "ERROR", "log_to_driver": False},
+    }
+
+
+def simulate(
+    config: FedaeConfig,
+    cpus_per_client: int | None = None,
+    gpus_per_client: float | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run the federation described by ``config`` and return its summary (also in RUN_DIR/summary.json)."""
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import build_server_app
+    from shared.pipeline import default_out_dir
+
+    num_clients = validate_inputs(config)
+    if not config.out_dir:
+        config = config.replace(out_dir=str(default_out_dir(config)))
+    out_dir = Path(config.out_dir).resolve()
+    config = config.replace(out_dir=str(out_dir))
+    cpus = cpus_per_client or min(2, os.cpu_count() or 1)
+    gpus = gpus_per_client if gpus_per_client is not None else _default_gpu_share()
+    # Workers inherit the environment: their TensorFlow uses the cores Ray gives the worker.
+    os.environ["FEDAE_TF_THREADS"] = str(cpus)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logger.info(
+        "simulating %d clients x %d rounds (%s, %s model, %s); outputs in %s",
+        num_clients,
+        config.num_server_rounds,
+        config.scenario,
+        config.model,
+        f"DP-SGD sigma={config.noise_multiplier:g} C={config.l2_norm_clip:g}"
+        if config.dp_enabled
+        else "no DP",
+        out_dir,
+    )
+    summary_path = out_dir / "summary.json"
+    if summary_path.exists():
+        summary_path.unlink()  # a stale summary must never pass for this run's result
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=build_server_app(config),
+            client_app=client_app,
+            num_supernodes=num_clients,
+            backend_config=backend_config(cpus, gpus),
+            verbose_logging=verbose,
+        )
+    if not summary_path.exists():
+        raise RuntimeError(
+            "the simulation ended without writing summary.json; rerun with --verbose for Flower's log"
+        )
+    return json.loads(summary_path.read_text())
+
+
+def _default_gpu_share() -> float:
+    """Let up to four simulated clients share each visible GPU; none on a CPU-only machine."""
+    import tensorflow as tf
+
+    import shared.tfenv  # noqa: F401
+
+    return 0.25 if tf.config.list_physical_devices("GPU") else 0.0

@@ -1,0 +1,140 @@
+"""DP-SGD: clipping bound, noise scale, Poisson sampling, equivalence with plain training, no retracing."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from shared.models import ModelSpec
+from shared.training import LocalTrainer, TrainingDataError, TrainSettings
+
+DENSE = ModelSpec("dense", (12,), 3, "linear")
+CONV = ModelSpec("conv", (8, 8, 1), 4, "sigmoid")
+VAE = ModelSpec("vae", (12,), 3, "linear")
+
+
+def _data(spec: ModelSpec, n: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    x = rng.normal(0.0, scale, (n, *spec.input_shape)).astype(np.float32)
+    return np.clip(x, 0, 1) if spec.output_activation == "sigmoid" else x
+
+
+def _true_example_gradient(trainer: LocalTrainer, x: np.ndarray) -> list[np.ndarray]:
+    """The gradient of one example's loss computed the slow, obvious way."""
+    inputs = tf.constant(x[None])
+    model_in = [inputs, tf.zeros((1, trainer.spec.latent_dim))] if trainer.spec.kind == "vae" else inputs
+    with tf.GradientTape() as tape:
+        loss = trainer.loss_fn(inputs, trainer.model(model_in, training=True))[0]
+    return [g.numpy() for g in tape.gradient(loss, trainer.model.trainable_variables)]
+
+
+def _norm(grads: list[np.ndarray]) -> float:
+    return float(np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads)))
+
+
+@pytest.mark.parametrize("spec", [DENSE, CONV], ids=["dense-fast-clipping", "conv-per-example"])
+def test_clipped_sum_of_one_example_is_its_gradient_scaled_to_the_bound(spec: ModelSpec, rng) -> None:
+    # Prepare: a clip norm well below typical gradient norms, and one far above.
+    x = _data(spec, 8, rng, scale=3.0)
+    for clip in (1e-3, 1e6):
+        trainer = LocalTrainer(spec, TrainSettings(4, 1e-3, 1.0, clip))
+        for i in range(3):
+            # Execute: the clipped sum for a batch holding example i only.
+            clipped = [g.numpy() for g in trainer._clipped_sum_for(tf.constant(x), np.array([i]))[0]]
+            true = _true_example_gradient(trainer, x[i])
+            # Assert: never above the bound; equal to the true gradient scaled by min(1, C/||g||).
+            assert _norm(clipped) <= clip * (1 + 1e-4)
+            factor = min(1.0, clip / _norm(true))
+            for c, t in zip(clipped, true, strict=True):
+                np.testing.assert_allclose(c, t * factor, rtol=2e-3, atol=1e-7 * max(1.0, factor))
+
+
+def test_fast_clipping_path_is_taken_for_dense_models_and_not_for_conv() -> None:
+    assert LocalTrainer(DENSE, TrainSettings(4, 1e-3, 1.0, 1.0)).fast_clipping
+    assert LocalTrainer(VAE, TrainSettings(4, 1e-3, 1.0, 1.0)).fast_clipping
+    assert not LocalTrainer(CONV, TrainSettings(4, 1e-3, 1.0, 1.0)).fast_clipping
+
+
+def test_every_example_in_a_batch_is_clipped_and_padding_adds_nothing(rng) -> None:
+    x = _data(DENSE, 32, rng, scale=5.0)
+    trainer = LocalTrainer(DENSE, TrainSettings(8, 1e-3, 1.0, 0.01))
+    idx = np.arange(10)
+    summed = trainer._clipped_sum_for(tf.constant(x), idx)[0]
+    # Each example contributes at most C, so the sum is at most 10 C (and equals the sum of the
+    # individually clipped gradients: padding rows contribute exactly zero).
+    singles = [trainer._clipped_sum_for(tf.constant(x), np.array([i]))[0] for i in idx]
+    expected = [sum(s[k].numpy() for s in singles) for k in range(len(summed))]
+    assert _norm([g.numpy() for g in summed]) <= 10 * 0.01 * (1 + 1e-4)
+    for got, want in zip(summed, expected, strict=True):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-3, atol=1e-8)
+
+
+def test_noise_has_standard_deviation_sigma_c_over_expected_batch(rng) -> None:
+    sigma, clip, batch = 1.7, 0.5, 16
+    trainer = LocalTrainer(DENSE, TrainSettings(batch, 1e-3, sigma, clip))
+    x = _data(DENSE, 32, rng)
+    # With no example in the batch the privatised gradient is pure noise / expected batch size.
+    noise = np.concatenate(
+        [g.ravel() for _ in range(20) for g in trainer.dp_gradient(x, np.array([], dtype=int))]
+    )
+    expected = sigma * clip / batch
+    # ~10^4 draws: the sample standard deviation is within 3% of the truth with overwhelming probability.
+    assert abs(noise.std() / expected - 1.0) < 0.03
+    assert abs(noise.mean()) < 4 * expected / np.sqrt(noise.size)
+
+
+def test_poisson_batches_have_expected_size_q_n(rng) -> None:
+    n, batch = 400, 40
+    trainer = LocalTrainer(DENSE, TrainSettings(batch, 1e-3, 1.0, 1.0))
+    sizes = []
+    original = trainer._clipped_sum_for
+
+    def spy(x_all, indices):
+        sizes.append(len(indices))
+        return original(x_all, indices)
+
+    trainer._clipped_sum_for = spy  # type: ignore[method-assign]
+    result = trainer.fit(_data(DENSE, n, rng), epochs=5, seed=3)
+    assert result.steps == 5 * 10 and result.sampling_probability == pytest.approx(0.1)
+    sizes = np.array(sizes)
+    # Binomial(400, 0.1): mean 40, sd 6; variable sizes prove sampling is Poisson, not fixed batches.
+    assert abs(sizes.mean() - 40) < 3 * 6 / np.sqrt(len(sizes)) + 0.5
+    assert sizes.std() > 3
+
+
+def test_no_noise_and_huge_clip_matches_plain_training(rng) -> None:
+    x = _data(DENSE, 16, rng)
+    dp = LocalTrainer(DENSE, TrainSettings(16, 1e-2, 0.0, 1e9))
+    plain = LocalTrainer(DENSE, TrainSettings(16, 1e-2, 0.0, 0.0))
+    plain.set_weights(dp.get_weights())
+    everything = np.arange(16)
+    for _ in range(3):
+        dp._apply_noisy(dp._clipped_sum_for(tf.constant(x), everything)[0])
+        plain._plain_step(tf.constant(x), *plain._padded(everything))
+    for a, b in zip(dp.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_training_reduces_loss_and_does_not_retrace_across_clients(rng) -> None:
+    trainer = LocalTrainer(DENSE, TrainSettings(16, 1e-2, 0.5, 1.0))
+    x_a, x_b = _data(DENSE, 200, rng), _data(DENSE, 321, rng)
+    before = trainer.mean_loss(x_a)
+    trainer.fit(x_a, epochs=3, seed=1)
+    traces = trainer.trace_count
+    for data in (x_b, x_a, x_b):  # other clients (other sizes), other rounds
+        trainer.fit(data, epochs=1, seed=2)
+    assert trainer.trace_count == traces
+    assert trainer.mean_loss(x_a) < before
+
+
+def test_fewer_rows_than_a_batch_is_a_clear_error(rng) -> None:
+    trainer = LocalTrainer(DENSE, TrainSettings(64, 1e-3, 1.0, 1.0))
+    with pytest.raises(TrainingDataError, match="10 training rows is fewer than batch-size 64"):
+        trainer.fit(_data(DENSE, 10, rng), epochs=1)
+
+
+def test_vae_trains_with_dp_and_reports_per_example_loss(rng) -> None:
+    trainer = LocalTrainer(VAE, TrainSettings(16, 1e-2, 0.8, 1.0))
+    x = _data(VAE, 128, rng)
+    before = trainer.mean_loss(x)
+    result = trainer.fit(x, epochs=4, seed=0)
+    assert np.isfinite(result.loss)
+    assert trainer.mean_loss(x) < before
