@@ -6,10 +6,15 @@ across rounds, so the epsilon it reports is cumulative over every round it train
 
 from __future__ import annotations
 
+from shared.tfenv import load_tensorflow  # import-time switches before TensorFlow: keep first
+
+load_tensorflow()  # flwr imports TensorFlow itself; load it first, quietly and with the switches set
+
+# isort: split
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-import shared.tfenv  # noqa: F401  (import-time switches first, in every worker process)
 from shared import privacy
 from shared.setup import decode_setup
 from shared.task import evaluate_client, train_client

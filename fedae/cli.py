@@ -6,12 +6,15 @@ exceptions into messages and exit codes.
 
 from __future__ import annotations
 
+import shared.tfenv  # noqa: F401  (import-time switches before TensorFlow: keep first)
+
+# isort: split
+
 import argparse
 import logging
+import os
 import sys
 from typing import Any
-
-import shared.tfenv  # noqa: F401  (import-time switches before anything imports TensorFlow)
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 logger = logging.getLogger("fedae")
@@ -121,23 +124,20 @@ def _setup_logging(verbose: bool) -> None:
     fedae_logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     fedae_logger.addHandler(handler)
     fedae_logger.propagate = False
-    if not verbose:
-        # Flower's deprecation notice for run_simulation and its per-round lines are replaced by
-        # fedae's own progress lines; errors still show.
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+    if verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"  # before TensorFlow is first imported
 
 
 def main(argv: list[str] | None = None) -> int:
     from shared.config import ConfigError
     from shared.data.errors import DataError
-    from shared.training import TrainingDataError
 
     args = _parser().parse_args(argv)
     _setup_logging(verbose=getattr(args, "verbose", False))
     handlers = {"simulate": _simulate, "scenarios": _scenarios}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, TrainingDataError) as err:
+    except (ConfigError, DataError) as err:
         print(f"fedae: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

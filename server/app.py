@@ -6,13 +6,18 @@ report in ``shared.pipeline``.
 
 from __future__ import annotations
 
+from shared.tfenv import load_tensorflow  # import-time switches before TensorFlow: keep first
+
+load_tensorflow()  # flwr imports TensorFlow itself; load it first, quietly and with the switches set
+
+# isort: split
+
 import logging
 import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-import shared.tfenv  # noqa: F401  (import-time switches before TensorFlow)
 from server.strategy import RoundRecorder, build_strategy
 from shared import pipeline
 from shared.config import FedaeConfig

@@ -34,7 +34,7 @@ class FedaeConfig:
     """Every setting of a run. Attribute ``foo_bar`` is run-config key ``foo-bar``."""
 
     scenario: str = "fleet"
-    num_server_rounds: int = 5
+    num_server_rounds: int = 20
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_available_clients: int = 2
@@ -46,8 +46,8 @@ class FedaeConfig:
     local_epochs: int = 1
     batch_size: int = 64
     learning_rate: float = 0.001
-    noise_multiplier: float = 1.0
-    l2_norm_clip: float = 1.0
+    noise_multiplier: float = 1.5
+    l2_norm_clip: float = 0.25
     delta: float = 1e-5
     accountant: str = "rdp"
     denoise_stddev: float = 0.0

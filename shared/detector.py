@@ -111,10 +111,8 @@ def save_bundle(detector: Detector, folder: str | Path) -> Path:
 
 def load_bundle(folder: str | Path) -> Detector:
     """Load a bundle folder; Keras loads the model in safe mode (no code from the bundle runs)."""
-    import tensorflow as tf
 
-    import shared.tfenv  # noqa: F401
-    from shared.models import ModelSpec, Reparameterize  # noqa: F401  (registers the VAE layer)
+    from shared.models import ModelSpec, Reparameterize, tf  # noqa: F401  (registers the VAE layer)
 
     folder = Path(folder)
     missing = [

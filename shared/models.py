@@ -13,9 +13,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import tensorflow as tf
 
-import shared.tfenv  # noqa: F401  (import-time switches before TensorFlow)
+from shared.tfenv import load_tensorflow
+
+tf = load_tensorflow()  # after tfenv's switches: tf.keras is tf-keras (Keras 2)
 
 
 @dataclass(frozen=True)

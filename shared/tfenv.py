@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import sys
+from types import ModuleType
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 # TensorFlow's C++ start-up chatter (including "failed call to cuInit" on machines without a GPU) is
@@ -32,6 +33,30 @@ logging.getLogger("tensorflow").setLevel(logging.ERROR)
 _configured = False
 
 
+def load_tensorflow() -> ModuleType:
+    """Import TensorFlow with its pre-logging start-up lines silenced, and return the module.
+
+    TensorFlow's C++ runtime prints lines such as "Could not find cuda drivers" to the process's stderr
+    before its logging is initialised, so TF_CPP_MIN_LOG_LEVEL cannot hide them; file descriptor 2 is
+    pointed at /dev/null for the import only. With TF_CPP_MIN_LOG_LEVEL below 3 (``--verbose``) nothing
+    is hidden. Errors still surface as Python exceptions once stderr is restored.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "3":
+        import tensorflow
+
+        return tensorflow
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return tensorflow
+
+
 def switches_hold() -> bool:
     """Whether both import-time switches are in effect in this process."""
     return os.environ.get("TF_USE_LEGACY_KERAS") == "1" and getattr(sys, "skip_tf_privacy_import", False)
@@ -43,7 +68,7 @@ def configure_tensorflow(num_threads: int | None = None) -> str:
     Returns the name of the device TensorFlow will place training on (logged once).
     """
     global _configured
-    import tensorflow as tf
+    tf = load_tensorflow()
 
     if _configured:
         return _device_name(tf)

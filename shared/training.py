@@ -27,21 +27,22 @@ import secrets
 from dataclasses import dataclass
 
 import numpy as np
-import tensorflow as tf
+
+from shared.tfenv import load_tensorflow
+
+tf = load_tensorflow()  # tensorflow-privacy is imported only after tfenv's switches are set
+
 from tensorflow_privacy.privacy.fast_gradient_clipping import (
     clip_grads,
     gradient_clipping_utils,
     layer_registry,
 )
 
-import shared.tfenv  # noqa: F401  (import-time switches before TensorFlow and tensorflow-privacy)
+from shared.data.errors import TrainingDataError
 from shared.models import ModelSpec, build_model, per_example_loss
 
+__all__ = ["FitResult", "LocalTrainer", "TrainSettings", "TrainingDataError", "get_trainer"]
 logger = logging.getLogger(f"fedae.{__name__}")
-
-
-class TrainingDataError(ValueError):
-    """The local data cannot be trained on with these settings (e.g. fewer rows than a batch)."""
 
 
 @dataclass(frozen=True)

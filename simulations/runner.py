@@ -68,12 +68,19 @@ def simulate(
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Run the federation described by ``config`` and return its summary (also in RUN_DIR/summary.json)."""
+    from shared.tfenv import load_tensorflow
+
+    load_tensorflow()  # before flwr, which imports TensorFlow itself
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
     from server.app import build_server_app
     from shared.pipeline import default_out_dir
 
+    if not verbose:
+        # fedae prints its own progress line per round; Flower's per-round lines and its deprecation
+        # notice for run_simulation are for --verbose. Set after importing flwr, which resets its level.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
     num_clients = validate_inputs(config)
     if not config.out_dir:
         config = config.replace(out_dir=str(default_out_dir(config)))
@@ -116,8 +123,7 @@ def simulate(
 
 def _default_gpu_share() -> float:
     """Let up to four simulated clients share each visible GPU; none on a CPU-only machine."""
-    import tensorflow as tf
+    from shared.tfenv import load_tensorflow
 
-    import shared.tfenv  # noqa: F401
-
+    tf = load_tensorflow()
     return 0.25 if tf.config.list_physical_devices("GPU") else 0.0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shared.tfenv  # noqa: F401  (import-time switches before TensorFlow: keep first)
+
+# isort: split
+
 import numpy as np
 import pytest
-
-import shared.tfenv  # noqa: F401  (before anything imports TensorFlow)
 
 
 @pytest.fixture

@@ -122,3 +122,15 @@ def test_mnist_from_a_local_npz(tmp_path, rng) -> None:
     assert load_server_data(config).y_test.sum() == 45
     with pytest.raises(DataError, match=r"mnist\.npz"):
         load_server_data(config.replace(data_dir=str(tmp_path / "elsewhere")))
+
+
+def test_image_shapes_must_agree_across_sites_and_with_the_test_file(tmp_path, rng) -> None:
+    data = tmp_path / "imgs"
+    data.mkdir()
+    np.savez(data / "a.npz", x=rng.random((40, 8, 8)))
+    np.savez(data / "b.npz", x=rng.random((40, 12, 12)))
+    np.savez(tmp_path / "test.npz", x=rng.random((10, 8, 8)), y=np.array([0] * 8 + [1] * 2))
+    config = FedaeConfig(scenario="files", model="conv", data_dir=str(data), test_file=str(tmp_path / "test.npz"))
+    with pytest.raises(DataError) as info:
+        load_client_data(config, 0)
+    assert "b.npz" in str(info.value) and "shape (12, 12, 1) differs" in str(info.value)

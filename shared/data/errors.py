@@ -18,3 +18,7 @@ class DataError(ValueError):
             where.append(f"column {column!r}")
         super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")
         self.path, self.row, self.column = path, row, column
+
+
+class TrainingDataError(DataError):
+    """A client's data cannot be trained on with these settings (e.g. fewer rows than a batch)."""

@@ -64,7 +64,12 @@ def _read_frame(path: Path, label_column: str) -> Table:
     import pandas as pd
 
     try:
-        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+        # Only empty cells are missing values: "n/a" or "NULL" in a numeric column is reported as the
+        # non-number it is rather than silently read as NaN.
+        if path.suffix.lower() == ".csv":
+            frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        else:
+            frame = pd.read_parquet(path)
     except Exception as err:  # pandas raises many types for unreadable files; all mean "bad file"
         raise DataError(
             f"cannot be read as {path.suffix.lstrip('.').upper()}: {err}", path=str(path)
