@@ -130,7 +130,9 @@ def test_image_shapes_must_agree_across_sites_and_with_the_test_file(tmp_path, r
     np.savez(data / "a.npz", x=rng.random((40, 8, 8)))
     np.savez(data / "b.npz", x=rng.random((40, 12, 12)))
     np.savez(tmp_path / "test.npz", x=rng.random((10, 8, 8)), y=np.array([0] * 8 + [1] * 2))
-    config = FedaeConfig(scenario="files", model="conv", data_dir=str(data), test_file=str(tmp_path / "test.npz"))
+    config = FedaeConfig(
+        scenario="files", model="conv", data_dir=str(data), test_file=str(tmp_path / "test.npz")
+    )
     with pytest.raises(DataError) as info:
         load_client_data(config, 0)
     assert "b.npz" in str(info.value) and "shape (12, 12, 1) differs" in str(info.value)

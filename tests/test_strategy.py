@@ -22,9 +22,12 @@ def test_strategy_from_config(name: str, cls: type) -> None:
 
 def test_recorder_keeps_per_client_figures_and_reports_the_worst_epsilon() -> None:
     recorder = RoundRecorder()
-    replies = [RecordDict({"metrics": MetricRecord({"client-id": c, "num-examples": n, "train-loss": loss,
-                                                     "epsilon": eps})})
-               for c, n, loss, eps in [(0, 100, 1.0, 2.0), (1, 300, 3.0, 2.5)]]
+    replies = [
+        RecordDict(
+            {"metrics": MetricRecord({"client-id": c, "num-examples": n, "train-loss": loss, "epsilon": eps})}
+        )
+        for c, n, loss, eps in [(0, 100, 1.0, 2.0), (1, 300, 3.0, 2.5)]
+    ]
     summary = recorder.aggregate_train(replies, "num-examples")
     assert summary["train-loss"] == pytest.approx((100 * 1.0 + 300 * 3.0) / 400)
     assert summary["max-epsilon"] == 2.5  # never an average of epsilons

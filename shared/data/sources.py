@@ -237,7 +237,8 @@ def _files_server(config: FedaeConfig) -> ServerData:
     test = read_table(config.test_file, config.label_column, require_labels=True)
     check_consistent([tables[0], test])
     x = align_columns(test, spec.feature_names)
-    assert test.labels is not None  # guaranteed by require_labels
+    if test.labels is None:  # read_table(require_labels=True) guarantees labels; keep mypy and readers honest
+        raise DataError(f"no label column {config.label_column!r}", path=config.test_file)
     normal = np.flatnonzero(test.labels == 0)
     if len(normal) < 4:
         raise DataError(
