@@ -8,26 +8,32 @@ import numpy as np
 from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
 
-from shared.models import ModelSpec, reconstruction_errors
+from shared.config import FedaeConfig
+from shared.models import ModelSpec
 from shared.training import LocalTrainer, TrainSettings
 
 
 def central_autoencoder_auc(
+    config: FedaeConfig,
     spec: ModelSpec,
     settings: TrainSettings,
     x_train: np.ndarray,
+    x_calibration: np.ndarray,
     x_test: np.ndarray,
     y_test: np.ndarray,
     epochs: int,
-    seed: int = 0,
 ) -> float:
-    """ROC-AUC of the autoencoder trained on pooled data without DP (no clipping, no noise)."""
+    """ROC-AUC of the autoencoder trained on pooled data without DP (no clipping, no noise), scored with
+    the run's anomaly score, fitted on the same calibration rows as the federated detector's."""
+    from shared.pipeline import fit_and_score
+
     plain = TrainSettings(
         settings.batch_size, settings.learning_rate, 0.0, 0.0, settings.denoise_stddev, settings.input_range
     )
     trainer = LocalTrainer(spec, plain)
-    trainer.fit(x_train, epochs=epochs, seed=seed)
-    return float(roc_auc_score(y_test, reconstruction_errors(trainer.model, spec, x_test)))
+    trainer.fit(x_train, epochs=epochs, seed=config.seed)
+    _, _, scores = fit_and_score(config, trainer.model, spec, x_calibration, x_test)
+    return float(roc_auc_score(y_test, scores))
 
 
 def isolation_forest_auc(x_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int = 0) -> float:

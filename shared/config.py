@@ -19,6 +19,7 @@ STRATEGIES = ("fedavg", "fedadam", "fedprox")
 ACCOUNTANTS = ("rdp", "pld")
 THRESHOLD_RULES = ("percentile", "mean-k-sigma")
 PARTITIONS = ("natural", "iid", "dirichlet")
+SCORE_RULES = ("mse", "standardized", "max-standardized")  # shared.scoring.SCORE_RULES, checked by a test
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,7 @@ class FedaeConfig:
     delta: float = 1e-5
     accountant: str = "rdp"
     denoise_stddev: float = 0.0
+    anomaly_score: str = "max-standardized"
     threshold_rule: str = "percentile"
     threshold_percentile: float = 95.0
     threshold_k: float = 3.0
@@ -119,6 +121,7 @@ class FedaeConfig:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("accountant", self.accountant, ACCOUNTANTS)
         _choice("threshold-rule", self.threshold_rule, THRESHOLD_RULES)
+        _choice("anomaly-score", self.anomaly_score, SCORE_RULES)
         _choice("partition", self.partition, PARTITIONS)
         for name in ("num_server_rounds", "latent_dim", "local_epochs", "batch_size", "num_clients"):
             if getattr(self, name) < 1:

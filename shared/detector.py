@@ -1,7 +1,8 @@
-"""The anomaly detector: reconstruction-error scores, thresholds, metrics, and the exported bundle.
+"""The anomaly detector: residual scores, thresholds, metrics, and the exported bundle.
 
 A bundle is one folder that needs nothing else to score data: ``model.keras`` (Keras 2 format, loaded
-in safe mode), ``preprocessing.json`` (the scaler), ``threshold.json`` and ``metadata.json`` (input
+in safe mode), ``preprocessing.json`` (the scaler), ``threshold.json`` (threshold and score rule with
+its per-feature scales) and ``metadata.json`` (input
 schema, model kind, privacy figures, training run).
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, precision_score, recall_score, roc_auc_score
 
 from shared.preprocess import Scaler
+from shared.scoring import ResidualScorer
 
 BUNDLE_FORMAT = 1
 
@@ -64,14 +66,15 @@ class Detector:
     model: Any  # tf.keras.Model
     spec: Any  # shared.models.ModelSpec
     scaler: Scaler
+    scorer: ResidualScorer
     threshold: float
     threshold_rule: str
     metadata: dict[str, Any]
 
     def score(self, x_raw: np.ndarray) -> np.ndarray:
-        from shared.models import reconstruction_errors
+        from shared.models import residuals
 
-        return reconstruction_errors(self.model, self.spec, self.scaler.transform(x_raw))
+        return self.scorer.score(residuals(self.model, self.spec, self.scaler.transform(x_raw)))
 
     def predict(self, x_raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scores = self.score(x_raw)
@@ -88,7 +91,8 @@ def save_bundle(detector: Detector, folder: str | Path) -> Path:
             {
                 "threshold": detector.threshold,
                 "rule": detector.threshold_rule,
-                "score": "mean squared reconstruction error",
+                "score": detector.scorer.describe(),
+                "scorer": detector.scorer.to_dict(),
                 "anomaly_if": "score > threshold",
             },
             indent=2,
@@ -133,7 +137,8 @@ def load_bundle(folder: str | Path) -> Detector:
     model = tf.keras.models.load_model(folder / "model.keras", compile=False, safe_mode=True)
     threshold = json.loads((folder / "threshold.json").read_text())
     scaler = Scaler.from_dict(json.loads((folder / "preprocessing.json").read_text()))
-    return Detector(model, spec, scaler, float(threshold["threshold"]), threshold["rule"], metadata)
+    scorer = ResidualScorer.from_dict(threshold["scorer"])
+    return Detector(model, spec, scaler, scorer, float(threshold["threshold"]), threshold["rule"], metadata)
 
 
 def _json_default(value: Any) -> Any:

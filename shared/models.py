@@ -154,6 +154,11 @@ def reconstruct(model: tf.keras.Model, spec: ModelSpec, x: np.ndarray, batch_siz
     return np.concatenate(outputs) if outputs else np.zeros((0, *spec.input_shape), np.float32)
 
 
+def residuals(model: tf.keras.Model, spec: ModelSpec, x: np.ndarray) -> np.ndarray:
+    """Per-example residuals ``x - reconstruction``, flattened to ``[rows, features]``."""
+    return (x - reconstruct(model, spec, x)).reshape(len(x), -1)
+
+
 def reconstruction_errors(model: tf.keras.Model, spec: ModelSpec, x: np.ndarray) -> np.ndarray:
     """Anomaly score: per-example mean squared reconstruction error."""
     recon = reconstruct(model, spec, x)

@@ -20,8 +20,9 @@ from shared import privacy
 from shared.config import FedaeConfig
 from shared.data.sources import DataSpec, ServerData, load_client_data, load_server_data, num_clients_for
 from shared.detector import Detector, describe_rule, detection_metrics, fit_threshold, save_bundle
-from shared.models import reconstruction_errors
+from shared.models import residuals
 from shared.preprocess import Scaler
+from shared.scoring import ResidualScorer
 from shared.task import make_scaler, trainer_for
 
 logger = logging.getLogger("fedae")
@@ -91,6 +92,21 @@ def privacy_section(
     }
 
 
+def fit_and_score(
+    config: FedaeConfig, model: Any, spec: Any, x_calibration: np.ndarray, x_test: np.ndarray
+) -> tuple[ResidualScorer, float, np.ndarray]:
+    """Fit the score's per-feature scales and the threshold on calibration rows; score the test rows."""
+    calibration_residuals = residuals(model, spec, x_calibration)
+    scorer = ResidualScorer.fit(config.anomaly_score, calibration_residuals)
+    threshold = fit_threshold(
+        scorer.score(calibration_residuals),
+        config.threshold_rule,
+        config.threshold_percentile,
+        config.threshold_k,
+    )
+    return scorer, threshold, scorer.score(residuals(model, spec, x_test))
+
+
 def comparison(setup: RunSetup, federated_auc: float) -> dict[str, float]:
     """Federated model vs the same AE trained centrally without DP vs IsolationForest, same test split."""
     from shared.baselines import central_autoencoder_auc, isolation_forest_auc
@@ -99,18 +115,20 @@ def comparison(setup: RunSetup, federated_auc: float) -> dict[str, float]:
     config = setup.config
     pooled = np.concatenate([load_client_data(config, c).x_train for c in range(setup.num_clients)])
     x_pool, x_test = setup.scaler.transform(pooled), setup.scaler.transform(setup.data.x_test)
+    x_calibration = setup.scaler.transform(setup.data.x_calibration)
     spec = model_spec(config, setup.spec, setup.scaler)
     label = f"federated {config.model} AE ({'DP-SGD' if config.dp_enabled else 'no DP'})"
     return {
         label: federated_auc,
         f"central {config.model} AE (no DP)": central_autoencoder_auc(
+            config,
             spec,
             train_settings(config, setup.spec),
             x_pool,
+            x_calibration,
             x_test,
             setup.data.y_test,
             epochs=config.num_server_rounds * config.local_epochs,
-            seed=config.seed,
         ),
         "IsolationForest (central)": isolation_forest_auc(
             x_pool, x_test, setup.data.y_test, seed=config.seed
@@ -134,13 +152,13 @@ def finish(
     trainer = trainer_for(config, setup.spec, setup.scaler)
     trainer.set_weights(weights)
     spec = trainer.spec
-    calibration_errors = reconstruction_errors(
-        trainer.model, spec, setup.scaler.transform(setup.data.x_calibration)
+    scorer, threshold, test_scores = fit_and_score(
+        config,
+        trainer.model,
+        spec,
+        setup.scaler.transform(setup.data.x_calibration),
+        setup.scaler.transform(setup.data.x_test),
     )
-    threshold = fit_threshold(
-        calibration_errors, config.threshold_rule, config.threshold_percentile, config.threshold_k
-    )
-    test_scores = reconstruction_errors(trainer.model, spec, setup.scaler.transform(setup.data.x_test))
     detector_metrics = detection_metrics(test_scores, setup.data.y_test, threshold)
     rule = describe_rule(config.threshold_rule, config.threshold_percentile, config.threshold_k)
     per_round_max = [r["max_epsilon"] for r in rounds if r.get("max_epsilon") is not None]
@@ -150,6 +168,7 @@ def finish(
         trainer.model,
         spec,
         setup.scaler,
+        scorer,
         threshold,
         config.threshold_rule,
         {
@@ -185,6 +204,7 @@ def finish(
         "rounds": rounds,
         "privacy": privacy_info,
         "detector": {
+            "anomaly_score": scorer.describe(),
             **detector_metrics,
             "threshold_rule": rule,
             "calibration_rows": len(setup.data.x_calibration),

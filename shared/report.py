@@ -59,7 +59,10 @@ def write_plots(
     per_round = summary["privacy"]["sample_level"]["per_round_max_epsilon"]
     if per_round:
         ax.plot(xs[: len(per_round)], per_round, marker="o")
-        ax.set(title=f"Max cumulative sample-level epsilon (delta={summary['privacy']['delta']:g})")
+        ax.set(
+            title=f"Worst client's cumulative epsilon (delta={summary['privacy']['delta']:g}, "
+            f"{summary['privacy']['accountant']})"
+        )
     else:
         ax.text(0.5, 0.5, "no DP: no privacy guarantee", ha="center", va="center")
         ax.set(title="Epsilon per round")
@@ -84,7 +87,7 @@ def write_plots(
     ax.hist(test_scores[y_test == 0], bins=bins, alpha=0.6, label="normal", density=True)
     ax.hist(test_scores[y_test == 1], bins=bins, alpha=0.6, label="anomaly", density=True)
     ax.axvline(summary["detector"]["threshold"], color="k", linestyle="--", label="threshold")
-    ax.set(xscale="log", xlabel="reconstruction error", ylabel="density", title="Test reconstruction errors")
+    ax.set(xscale="log", xlabel="anomaly score", ylabel="density", title="Test anomaly scores")
     ax.legend()
     names.append(_save(fig, out_dir / "errors.png"))
     return names
@@ -136,8 +139,8 @@ def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Pa
         "",
         "## Detector",
         "",
-        f"Threshold {_fmt(d['threshold'], 6)} ({d['threshold_rule']}), fitted on the coordinator's "
-        "calibration data.",
+        f"Anomaly score: {d['anomaly_score']}. Threshold {_fmt(d['threshold'], 6)} ({d['threshold_rule']}); "
+        "scales and threshold fitted on the coordinator's calibration data.",
         "",
         "| metric | value |",
         "| --- | --- |",

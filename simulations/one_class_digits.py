@@ -2,8 +2,8 @@
 
 The reference for how good the autoencoder can be on `digits` before federation and DP: for each of the
 ten classes, train on that class's client share (the pooled training rows of the `digits` scenario),
-score the scenario's test split (held-out images of that class vs all other digits), and compare with
-PCA reconstruction error. Usage:
+score the scenario's test split (held-out images of that class vs all other digits) by mean squared
+reconstruction error (the seed's score), and compare with PCA reconstruction error. Usage:
 
     uv run python -m simulations.one_class_digits [--model conv|dense|vae] [--epochs 100]
 """

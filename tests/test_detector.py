@@ -8,6 +8,7 @@ import pytest
 from shared.detector import Detector, detection_metrics, fit_threshold, load_bundle, save_bundle
 from shared.models import ModelSpec, build_model
 from shared.preprocess import Scaler
+from shared.scoring import ResidualScorer
 
 
 def test_percentile_and_mean_k_sigma_thresholds() -> None:
@@ -30,17 +31,29 @@ def test_detection_metrics_at_the_threshold() -> None:
     assert metrics["test_auc"] == pytest.approx(8 / 9)
 
 
-@pytest.mark.parametrize("kind", ["dense", "vae", "conv"])
-def test_bundle_round_trip_scores_identically(tmp_path, rng, kind: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "rule"), [("dense", "mse"), ("vae", "standardized"), ("conv", "max-standardized")]
+)
+def test_bundle_round_trip_scores_identically(tmp_path, rng, kind: str, rule: str) -> None:
     shape = (8, 8, 1)
     x = rng.random((20, *shape)).astype(np.float32) * 16
     scaler = Scaler.fit(x, "image", (0.0, 16.0), flatten=kind != "conv")
     spec = ModelSpec(kind, scaler.model_input_shape, 4, "sigmoid")
-    detector = Detector(build_model(spec), spec, scaler, 0.05, "percentile", {"privacy": {"dp": True}})
+    residual_scale = np.linspace(0.5, 2.0, 64)
+    detector = Detector(
+        build_model(spec),
+        spec,
+        scaler,
+        ResidualScorer(rule, residual_scale),
+        0.05,
+        "percentile",
+        {"privacy": {"dp": True}},
+    )
     save_bundle(detector, tmp_path / "bundle")
     loaded = load_bundle(tmp_path / "bundle")
     np.testing.assert_allclose(loaded.score(x), detector.score(x), rtol=1e-6)
     assert loaded.threshold == 0.05 and loaded.metadata["privacy"] == {"dp": True}
+    assert loaded.scorer.rule == rule
     flags = loaded.predict(x)[1]
     np.testing.assert_array_equal(flags, (detector.score(x) > 0.05).astype(int))
 
@@ -49,7 +62,10 @@ def test_incomplete_or_foreign_bundles_are_refused(tmp_path, rng) -> None:
     x = rng.normal(size=(10, 5)).astype(np.float32)
     scaler = Scaler.fit(x, "tabular", None, flatten=True)
     spec = ModelSpec("dense", (5,), 2, "linear")
-    save_bundle(Detector(build_model(spec), spec, scaler, 1.0, "percentile", {}), tmp_path / "b")
+    save_bundle(
+        Detector(build_model(spec), spec, scaler, ResidualScorer("mse", None), 1.0, "percentile", {}),
+        tmp_path / "b",
+    )
     meta = json.loads((tmp_path / "b" / "metadata.json").read_text())
     meta["format"] = 99
     (tmp_path / "b" / "metadata.json").write_text(json.dumps(meta))

@@ -31,6 +31,7 @@ NUM_CELLS = 96
 CELLS_PER_MODULE = 12
 NUM_MODULES = NUM_CELLS // CELLS_PER_MODULE
 SNAPSHOT_EVERY = 5  # simulated seconds between rows kept, so consecutive rows are not near copies
+VEHICLE_STEPS = 3000  # simulated seconds per vehicle, for training, calibration and test vehicles alike
 FAULT_KINDS = ("cell-degradation", "stuck-sensor", "thermal-runaway", "spike")
 
 
@@ -180,12 +181,16 @@ def normal_rows(seed: int, site: int, num_rows: int, purpose: int = 0) -> np.nda
     """``num_rows`` fault-free snapshots from vehicles of ``site``; ``purpose`` separates disjoint draws."""
     rng = _rng(seed, site, purpose)
     profile = site_profile(site)
+    # Rows are drawn at random from at least four vehicles and twice the rows needed, so even a small
+    # draw (the coordinator's calibration set) spans several vehicles, charge levels and times of day
+    # rather than one vehicle's first minutes.
     chunks, total = [], 0
-    while total < num_rows:
-        rows, _ = simulate_vehicle(rng, profile, steps=6000)
+    while total < 2 * num_rows or len(chunks) < 4:
+        rows, _ = simulate_vehicle(rng, profile, steps=VEHICLE_STEPS)
         chunks.append(rows)
         total += len(rows)
-    return np.concatenate(chunks)[:num_rows]
+    pool = np.concatenate(chunks)
+    return pool[np.sort(rng.choice(len(pool), size=num_rows, replace=False))]
 
 
 def test_rows(seed: int, sites: list[int], vehicles_per_site: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -196,7 +201,7 @@ def test_rows(seed: int, sites: list[int], vehicles_per_site: int = 8) -> tuple[
         profile = site_profile(site)
         for vehicle in range(vehicles_per_site):
             fault = FAULT_KINDS[(vehicle // 2) % len(FAULT_KINDS)] if vehicle % 2 == 0 else None
-            rows, labels = simulate_vehicle(rng, profile, steps=3000, fault=fault)
+            rows, labels = simulate_vehicle(rng, profile, steps=VEHICLE_STEPS, fault=fault)
             xs.append(rows)
             ys.append(labels)
     return np.concatenate(xs), np.concatenate(ys)

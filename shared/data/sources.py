@@ -25,7 +25,7 @@ from shared.data.errors import DataError
 from shared.data.files import Table, align_columns, check_consistent, list_site_files, read_table
 
 FLEET_TRAIN_ROWS = 4000  # per site; sized so the default run meets epsilon <= 3 (see docs/PRIVACY.md)
-FLEET_CALIBRATION_ROWS = 1500
+FLEET_CALIBRATION_ROWS = 2500
 LOCAL_HOLDOUT_FRACTION = 0.15
 
 
