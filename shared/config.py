@@ -15,6 +15,7 @@ from typing import Any
 
 SCENARIOS = ("fleet", "digits", "wdbc", "mnist", "files")
 MODELS = ("dense", "conv", "vae")
+ACTIVATIONS = ("relu", "elu", "gelu", "tanh")
 STRATEGIES = ("fedavg", "fedadam", "fedprox")
 ACCOUNTANTS = ("rdp", "pld")
 THRESHOLD_RULES = ("percentile", "mean-k-sigma")
@@ -44,6 +45,7 @@ class FedaeConfig:
     proximal_mu: float = 0.01
     model: str = "dense"
     latent_dim: int = 16
+    activation: str = "relu"
     local_epochs: int = 1
     batch_size: int = 64
     learning_rate: float = 0.001
@@ -118,6 +120,7 @@ class FedaeConfig:
     def _validate(self) -> None:
         _choice("scenario", self.scenario, SCENARIOS)
         _choice("model", self.model, MODELS)
+        _choice("activation", self.activation, ACTIVATIONS)
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("accountant", self.accountant, ACCOUNTANTS)
         _choice("threshold-rule", self.threshold_rule, THRESHOLD_RULES)

@@ -38,9 +38,9 @@ def fit_threshold(errors: np.ndarray, rule: str, percentile: float = 95.0, k: fl
 
 def describe_rule(rule: str, percentile: float, k: float) -> str:
     return (
-        f"{percentile:g}th percentile of normal errors"
+        f"{percentile:g}th percentile of normal calibration scores"
         if rule == "percentile"
-        else f"mean + {k:g} sigma of normal errors"
+        else f"mean + {k:g} sigma of normal calibration scores"
     )
 
 
@@ -106,6 +106,7 @@ def save_bundle(detector: Detector, folder: str | Path) -> Path:
             "input_shape": list(spec.input_shape),
             "latent_dim": spec.latent_dim,
             "output_activation": spec.output_activation,
+            "activation": spec.activation,
         },
         **detector.metadata,
     }
@@ -133,7 +134,13 @@ def load_bundle(folder: str | Path) -> Detector:
             f"(this fedae reads format {BUNDLE_FORMAT})"
         )
     m = metadata["model"]
-    spec = ModelSpec(m["kind"], tuple(m["input_shape"]), int(m["latent_dim"]), m["output_activation"])
+    spec = ModelSpec(
+        m["kind"],
+        tuple(m["input_shape"]),
+        int(m["latent_dim"]),
+        m["output_activation"],
+        m.get("activation", "relu"),
+    )
     model = tf.keras.models.load_model(folder / "model.keras", compile=False, safe_mode=True)
     threshold = json.loads((folder / "threshold.json").read_text())
     scaler = Scaler.from_dict(json.loads((folder / "preprocessing.json").read_text()))

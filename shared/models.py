@@ -25,6 +25,7 @@ class ModelSpec:
     input_shape: tuple[int, ...]  # the model's input layout (vectors for dense/vae)
     latent_dim: int
     output_activation: str  # "linear" for standardised tables, "sigmoid" for [0, 1] images
+    activation: str = "relu"  # hidden layers; "elu" trains more reliably on very small tables
 
 
 def hidden_widths(input_dim: int, latent_dim: int) -> tuple[int, int]:
@@ -40,9 +41,9 @@ def hidden_widths(input_dim: int, latent_dim: int) -> tuple[int, int]:
     return first, int(min(max(second, latent_dim), first))
 
 
-def _dense_stack(x: tf.Tensor, widths: tuple[int, ...], prefix: str) -> tf.Tensor:
+def _dense_stack(x: tf.Tensor, widths: tuple[int, ...], prefix: str, activation: str) -> tf.Tensor:
     for i, width in enumerate(widths):
-        x = tf.keras.layers.Dense(width, activation="relu", name=f"{prefix}_{i}")(x)
+        x = tf.keras.layers.Dense(width, activation=activation, name=f"{prefix}_{i}")(x)
     return x
 
 
@@ -50,9 +51,9 @@ def build_dense(spec: ModelSpec) -> tf.keras.Model:
     (dim,) = spec.input_shape
     first, second = hidden_widths(dim, spec.latent_dim)
     inputs = tf.keras.Input(shape=(dim,), name="x")
-    z = _dense_stack(inputs, (first, second), "enc")
+    z = _dense_stack(inputs, (first, second), "enc", spec.activation)
     z = tf.keras.layers.Dense(spec.latent_dim, name="latent")(z)
-    h = _dense_stack(z, (second, first), "dec")
+    h = _dense_stack(z, (second, first), "dec", spec.activation)
     outputs = tf.keras.layers.Dense(dim, activation=spec.output_activation, name="reconstruction")(h)
     return tf.keras.Model(inputs, outputs, name="dense_autoencoder")
 
@@ -65,18 +66,18 @@ def build_conv(spec: ModelSpec) -> tf.keras.Model:
         )
     bottleneck = max(2, math.ceil(spec.latent_dim / ((height // 4) * (width // 4))))
     inputs = tf.keras.Input(shape=(height, width, channels), name="x")
-    x = tf.keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="enc_conv_0")(inputs)
+    x = tf.keras.layers.Conv2D(16, 3, padding="same", activation=spec.activation, name="enc_conv_0")(inputs)
     x = tf.keras.layers.MaxPooling2D(2, name="enc_pool_0")(x)
-    x = tf.keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="enc_conv_1")(x)
+    x = tf.keras.layers.Conv2D(8, 3, padding="same", activation=spec.activation, name="enc_conv_1")(x)
     x = tf.keras.layers.MaxPooling2D(2, name="enc_pool_1")(x)
-    x = tf.keras.layers.Conv2D(bottleneck, 3, padding="same", activation="relu", name="latent")(x)
+    x = tf.keras.layers.Conv2D(bottleneck, 3, padding="same", activation=spec.activation, name="latent")(x)
     # Strided transposed convolutions upsample; UpSampling2D's gradient does not compile under
     # XLA's vectorised per-example gradients (STACK.md), and the learned upsampling is as good here.
     x = tf.keras.layers.Conv2DTranspose(
-        8, 3, strides=2, padding="same", activation="relu", name="dec_deconv_0"
+        8, 3, strides=2, padding="same", activation=spec.activation, name="dec_deconv_0"
     )(x)
     x = tf.keras.layers.Conv2DTranspose(
-        16, 3, strides=2, padding="same", activation="relu", name="dec_deconv_1"
+        16, 3, strides=2, padding="same", activation=spec.activation, name="dec_deconv_1"
     )(x)
     outputs = tf.keras.layers.Conv2D(
         channels, 3, padding="same", activation=spec.output_activation, name="reconstruction"
@@ -101,11 +102,11 @@ def build_vae(spec: ModelSpec) -> tf.keras.Model:
     first, second = hidden_widths(dim, spec.latent_dim)
     inputs = tf.keras.Input(shape=(dim,), name="x")
     noise = tf.keras.Input(shape=(spec.latent_dim,), name="eps")
-    h = _dense_stack(inputs, (first, second), "enc")
+    h = _dense_stack(inputs, (first, second), "enc", spec.activation)
     z_mean = tf.keras.layers.Dense(spec.latent_dim, name="z_mean")(h)
     z_log_var = tf.keras.layers.Dense(spec.latent_dim, name="z_log_var")(h)
     z = Reparameterize(name="z")([z_mean, z_log_var, noise])
-    d = _dense_stack(z, (second, first), "dec")
+    d = _dense_stack(z, (second, first), "dec", spec.activation)
     recon = tf.keras.layers.Dense(dim, activation=spec.output_activation, name="reconstruction")(d)
     outputs = tf.keras.layers.Concatenate(name="recon_and_posterior")([recon, z_mean, z_log_var])
     return tf.keras.Model([inputs, noise], outputs, name="variational_autoencoder")

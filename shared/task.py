@@ -23,7 +23,7 @@ logger = logging.getLogger(f"fedae.{__name__}")
 
 def model_spec(config: FedaeConfig, spec: DataSpec, scaler: Scaler) -> ModelSpec:
     activation = "sigmoid" if spec.kind == "image" else "linear"
-    return ModelSpec(config.model, scaler.model_input_shape, config.latent_dim, activation)
+    return ModelSpec(config.model, scaler.model_input_shape, config.latent_dim, activation, config.activation)
 
 
 def train_settings(config: FedaeConfig, spec: DataSpec) -> TrainSettings:
