@@ -98,7 +98,9 @@ def _simulate(args: argparse.Namespace) -> int:
         f"at threshold {d['threshold']:.5g} ({d['threshold_rule']})"
     )
     if p["dp"]:
-        print(f"  privacy: max epsilon {p['sample_level']['max_epsilon']:.3f} over clients; {p['statement']}")
+        worst = p["sample_level"]["max_epsilon"]
+        shown = "none reported" if worst is None else f"{worst:.3f}"
+        print(f"  privacy: worst client's epsilon {shown}; {p['statement']}")
     else:
         print("  privacy: no DP (noise-multiplier 0, no clipping): no privacy guarantee")
     for name, auc in summary["comparison"].items():

@@ -13,6 +13,7 @@ load_tensorflow()  # flwr imports TensorFlow itself; load it first, quietly and 
 # isort: split
 
 import logging
+import math
 import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -26,13 +27,16 @@ from shared.setup import encode_setup
 logger = logging.getLogger("fedae.server")
 
 
-def run_federation(grid: Grid, config: FedaeConfig) -> dict:
+def run_federation(grid: Grid, config: FedaeConfig, compare_baselines: bool = False) -> dict:
+    """Run the rounds, then export the detector. ``compare_baselines`` pools every client's training
+    data in this process to train the central reference models: only for simulations."""
     started = time.time()
     setup = pipeline.prepare(config)
     recorder = RoundRecorder()
     strategy = build_strategy(config, recorder, setup.num_clients)
     rounds: list[dict] = []
     best = {"loss": float("inf"), "round": 0, "weights": pipeline.initial_weights(setup)}
+    latest_epsilon: dict[int, float] = {}  # each client's latest cumulative epsilon
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         weights = arrays.to_numpy_ndarrays()
@@ -41,7 +45,8 @@ def run_federation(grid: Grid, config: FedaeConfig) -> dict:
         if server_round > 0:
             train = recorder.train.get(server_round, {})
             held_out = recorder.evaluate.get(server_round, {})
-            epsilons = [m["epsilon"] for m in train.values() if "epsilon" in m]
+            latest_epsilon.update({cid: m["epsilon"] for cid, m in train.items() if "epsilon" in m})
+            epsilons = list(latest_epsilon.values())
             row = {
                 "round": server_round,
                 "clients": sorted(train),
@@ -59,11 +64,11 @@ def run_federation(grid: Grid, config: FedaeConfig) -> dict:
                 row["train_loss"],
                 row["eval_loss"],
                 loss,
-                f", max cumulative epsilon {row['max_epsilon']:.3f} (delta {config.delta:g})"
+                f", worst client's cumulative epsilon {row['max_epsilon']:.3f} (delta {config.delta:g})"
                 if epsilons
                 else ", no DP",
             )
-            if loss < best["loss"]:
+            if math.isfinite(loss) and loss < best["loss"]:
                 best.update(loss=loss, round=server_round, weights=weights)
         return MetricRecord({"calibration-loss": loss})
 
@@ -80,8 +85,21 @@ def run_federation(grid: Grid, config: FedaeConfig) -> dict:
     per_client = {
         cid: m.get("epsilon") for r in sorted(recorder.train) for cid, m in recorder.train[r].items()
     }
+    if best["round"] == 0:
+        raise RuntimeError(
+            "no round produced a finite calibration loss (training diverged); nothing exported. "
+            "Lower learning-rate or l2-norm-clip"
+        )
     logger.info("training done; fitting the threshold and exporting the detector to %s", setup.out_dir)
-    return pipeline.finish(setup, best["weights"], rounds, per_client, started, best_round=best["round"])
+    return pipeline.finish(
+        setup,
+        best["weights"],
+        rounds,
+        per_client,
+        started,
+        compare=compare_baselines,
+        best_round=best["round"],
+    )
 
 
 def _weighted(per_client: dict[int, dict[str, float]], key: str) -> float:
@@ -90,13 +108,17 @@ def _weighted(per_client: dict[int, dict[str, float]], key: str) -> float:
     return sum(v * w for v, w in pairs) / total if total else float("nan")
 
 
-def build_server_app(config: FedaeConfig | None = None) -> ServerApp:
-    """A ServerApp running ``config``, or the run config Flower passes (``flwr run .``) when None."""
+def build_server_app(config: FedaeConfig | None = None, compare_baselines: bool = False) -> ServerApp:
+    """A ServerApp running ``config``, or the run config Flower passes (``flwr run .``) when None.
+
+    ``compare_baselines`` (``fedae simulate`` only) trains the report's central reference models on
+    the pooled client data; a deployed coordinator never reads client data, so it is off by default.
+    """
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config or FedaeConfig.from_run_config(context.run_config))
+        run_federation(grid, config or FedaeConfig.from_run_config(context.run_config), compare_baselines)
 
     return server_app
 

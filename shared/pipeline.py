@@ -64,7 +64,7 @@ def calibration_loss(setup: RunSetup, weights: list[np.ndarray]) -> float:
 
 
 def privacy_section(
-    config: FedaeConfig, per_client: dict[int, float | None], per_round_max: list[float]
+    config: FedaeConfig, per_client: dict[int, float | None], per_round_max: list[float | None]
 ) -> dict[str, Any]:
     dp = config.dp_enabled
     return {
@@ -77,17 +77,19 @@ def privacy_section(
         "noise_multiplier": config.noise_multiplier,
         "l2_norm_clip": config.l2_norm_clip,
         "not_covered": (
-            "per-round scalar metrics each client reports (its training loss, held-out loss, "
-            "example count) are sent in the clear and are outside the DP guarantee"
+            "per-round scalar metrics each client reports (training loss, held-out loss, evaluation "
+            "AUC where it has labels, example count) are sent in the clear and are outside the DP "
+            "guarantee; each client's example count n is treated as public"
         )
         if dp
         else None,
         "sample_level": {
-            "max_epsilon": max(v for v in per_client.values() if v is not None)
-            if dp and per_client
+            "max_epsilon": max((v for v in per_client.values() if v is not None), default=None)
+            if dp
             else None,
             "per_client": {str(k): (v if dp else None) for k, v in sorted(per_client.items())},
-            "per_round_max_epsilon": per_round_max if dp else [],
+            # Worst client's cumulative epsilon after each round (None where no client reported one).
+            "per_round_max_epsilon": per_round_max if dp else None,
         },
     }
 
@@ -161,7 +163,7 @@ def finish(
     )
     detector_metrics = detection_metrics(test_scores, setup.data.y_test, threshold)
     rule = describe_rule(config.threshold_rule, config.threshold_percentile, config.threshold_k)
-    per_round_max = [r["max_epsilon"] for r in rounds if r.get("max_epsilon") is not None]
+    per_round_max = [r.get("max_epsilon") for r in rounds]
     privacy_info = privacy_section(config, per_client_epsilon, per_round_max)
 
     detector = Detector(

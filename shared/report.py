@@ -56,9 +56,10 @@ def write_plots(
     names.append(_save(fig, out_dir / "loss.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    per_round = summary["privacy"]["sample_level"]["per_round_max_epsilon"]
-    if per_round:
-        ax.plot(xs[: len(per_round)], per_round, marker="o")
+    per_round = summary["privacy"]["sample_level"]["per_round_max_epsilon"] or []
+    points = [(r, eps) for r, eps in zip(xs, per_round, strict=False) if eps is not None]
+    if points:
+        ax.plot([r for r, _ in points], [eps for _, eps in points], marker="o")
         ax.set(
             title=f"Worst client's cumulative epsilon (delta={summary['privacy']['delta']:g}, "
             f"{summary['privacy']['accountant']})"

@@ -108,7 +108,7 @@ def simulate(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(
-            server_app=build_server_app(config),
+            server_app=build_server_app(config, compare_baselines=True),
             client_app=client_app,
             num_supernodes=num_clients,
             backend_config=backend_config(cpus, gpus),

@@ -136,3 +136,20 @@ def test_image_shapes_must_agree_across_sites_and_with_the_test_file(tmp_path, r
     with pytest.raises(DataError) as info:
         load_client_data(config, 0)
     assert "b.npz" in str(info.value) and "shape (12, 12, 1) differs" in str(info.value)
+
+
+def test_a_sites_labelled_anomalies_never_train_and_its_evaluation_set_holds_no_training_row(
+    tmp_path, rng
+) -> None:
+    data = write_sites(tmp_path / "sites", rng)
+    frame = pd.read_csv(data / "site0.csv")
+    frame["label"] = [0] * 100 + [1] * 20
+    frame.to_csv(data / "site0.csv", index=False)
+    config = FedaeConfig(
+        scenario="files", data_dir=str(data), test_file=str(write_test(tmp_path / "t.csv", rng))
+    )
+    client = load_client_data(config, 0)
+    assert len(client.x_train) + len(client.x_holdout) == 100
+    assert client.y_labelled.tolist() == [0] * len(client.x_holdout) + [1] * 20
+    training = {row.tobytes() for row in client.x_train}
+    assert not any(row.tobytes() in training for row in client.x_labelled)

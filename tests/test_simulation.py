@@ -75,5 +75,6 @@ def test_no_dp_run_says_so_and_has_null_privacy_figures(tmp_path) -> None:
     assert p["delta"] is None and p["accountant"] is None and p["sampling"] is None
     assert p["sample_level"]["max_epsilon"] is None
     assert p["sample_level"]["per_client"] == {"0": None, "1": None}
+    assert p["sample_level"]["per_round_max_epsilon"] is None
     assert "no DP" in (tmp_path / "plain" / "report.md").read_text()
     assert load_bundle(tmp_path / "plain" / "bundle").metadata["privacy"]["dp"] is False

@@ -298,7 +298,9 @@ def load_client_data(config: FedaeConfig, client_id: int) -> ClientData:
             table = tables[client_id]
             rows = _normal_rows(table, names)
             if table.labels is not None and table.labels.any():
-                labelled_x, labelled_y = align_columns(table, names), table.labels
+                # Labelled anomalies never train; with the held-out normal rows (below) they give the
+                # client's evaluation AUC, so no training row is scored in it.
+                labelled_x = align_columns(table, names)[table.labels == 1]
         else:
             pool = np.concatenate([_normal_rows(t, names) for t in tables])
             groups = np.concatenate([np.full(len(_normal_rows(t, names)), i) for i, t in enumerate(tables)])
@@ -311,6 +313,9 @@ def load_client_data(config: FedaeConfig, client_id: int) -> ClientData:
         split = _one_class(config)
         rows = split.client_pool[_pooled_parts(config, split.client_groups)[client_id]]
     x_train, x_holdout = _split_holdout(rows, config.seed, client_id)
+    if labelled_x is not None:
+        labelled_y = np.concatenate([np.zeros(len(x_holdout), np.int64), np.ones(len(labelled_x), np.int64)])
+        labelled_x = np.concatenate([x_holdout, labelled_x])
     return ClientData(client_id, x_train, x_holdout, labelled_x, labelled_y)
 
 
