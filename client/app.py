@@ -1,7 +1,9 @@
 """The ClientApp: reads a train/evaluate message, calls ``shared.task``, packs the reply.
 
-The client's privacy ledger (its DP-SGD events) lives in ``context.state``, which Flower keeps per node
-across rounds, so the epsilon it reports is cumulative over every round it trained in.
+The client's privacy ledger is an SQLite file on the client's side (``shared.ledger``), at
+``<state-dir>/client-<partition-id>/``; a site's node config may set its own ``state-dir``. Every
+training is recorded there before the reply with the new weights is built, and the epsilon it reports
+composes every event recorded for the same data.
 """
 
 from __future__ import annotations
@@ -12,15 +14,14 @@ load_tensorflow()  # flwr imports TensorFlow itself; load it first, quietly and 
 
 # isort: split
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from shared import privacy
+from shared.ledger import PrivacyLedger, ledger_path
 from shared.setup import decode_setup
 from shared.task import evaluate_client, train_client
 
 app = ClientApp()
-LEDGER_KEY = "fedae-privacy-ledger"
 
 
 def _client_id(context: Context) -> int:
@@ -30,42 +31,31 @@ def _client_id(context: Context) -> int:
     return int(node_config["partition-id"])
 
 
-def _load_ledger(context: Context) -> list[privacy.TrainingEvent]:
-    record = context.state.get(LEDGER_KEY)
-    if record is None:
-        return []
-    columns = ("round", "noise_multiplier", "sampling_probability", "steps", "num_examples")
-    return [
-        privacy.TrainingEvent(int(r), float(s), float(q), int(t), int(n))
-        for r, s, q, t, n in zip(*(record[c] for c in columns), strict=True)
-    ]
-
-
-def _store_ledger(context: Context, ledger: list[privacy.TrainingEvent]) -> None:
-    rows = [e.to_dict() for e in ledger]
-    context.state[LEDGER_KEY] = ConfigRecord(
-        {
-            key: [row[key] for row in rows]
-            for key in ("round", "noise_multiplier", "sampling_probability", "steps", "num_examples")
-        }
-    )
+def _state_dir(config_state_dir: str, context: Context) -> str:
+    """A site's own ``state-dir`` (node config) wins over the run's; there must be one."""
+    state_dir = str(context.node_config.get("state-dir", "") or config_state_dir)
+    if not state_dir:
+        # Never fall back to a relative path: a ledger written wherever the process happens to run
+        # would be lost track of, and the next run would start from zero.
+        raise ValueError("no state-dir for the privacy ledger: set state-dir in the run or node config")
+    return state_dir
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, spec, scaler = decode_setup(dict(msg.content["config"]))
     client_id = _client_id(context)
-    ledger = _load_ledger(context)
-    outcome = train_client(
-        config,
-        spec,
-        scaler,
-        msg.content["arrays"].to_numpy_ndarrays(),
-        client_id,
-        int(msg.content["config"]["server-round"]),
-        ledger,
-    )
-    _store_ledger(context, ledger)  # recorded before the weights it paid for leave the client
+    with PrivacyLedger(ledger_path(_state_dir(config.state_dir, context), client_id)) as ledger:
+        outcome = train_client(
+            config,
+            spec,
+            scaler,
+            msg.content["arrays"].to_numpy_ndarrays(),
+            client_id,
+            int(msg.content["config"]["server-round"]),
+            ledger,
+            str(context.run_id),
+        )
     metrics = {"train-loss": outcome.train_loss, "num-examples": outcome.num_examples, "client-id": client_id}
     if outcome.event is not None and outcome.epsilon is not None:
         metrics |= {

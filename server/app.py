@@ -32,6 +32,7 @@ def run_federation(grid: Grid, config: FedaeConfig, compare_baselines: bool = Fa
     data in this process to train the central reference models: only for simulations."""
     started = time.time()
     setup = pipeline.prepare(config)
+    config = setup.config  # with the resolved state-dir that clients keep their ledgers in
     recorder = RoundRecorder()
     strategy = build_strategy(config, recorder, setup.num_clients)
     rounds: list[dict] = []

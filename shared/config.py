@@ -67,6 +67,7 @@ class FedaeConfig:
     test_file: str = ""
     label_column: str = "label"
     out_dir: str = ""
+    state_dir: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -49,6 +49,11 @@ def prepare(config: FedaeConfig) -> RunSetup:
     data = load_server_data(config)
     scaler = make_scaler(config, data.spec, data.x_calibration)
     out_dir = Path(config.out_dir) if config.out_dir else default_out_dir(config)
+    if not config.state_dir:
+        # Without a state-dir of its own, a run keeps its clients' privacy ledgers in RUN_DIR/state: a
+        # simulation of the same data started again begins new ledgers. Point state-dir at a
+        # persistent folder to compose epsilon across runs (a deployed site always should).
+        config = config.replace(state_dir=str((out_dir / "state").resolve()))
     return RunSetup(config, data, scaler, num_clients_for(config), out_dir)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from shared import privacy
 from shared.config import FedaeConfig
 from shared.data.sources import ClientData, DataSpec, load_client_data
+from shared.ledger import LedgerEvent, PrivacyLedger, dataset_fingerprint
 from shared.models import ModelSpec
 from shared.preprocess import Scaler
 from shared.training import LocalTrainer, TrainSettings, get_trainer
@@ -89,27 +90,38 @@ def train_client(
     weights: list[np.ndarray],
     client_id: int,
     server_round: int,
-    ledger: list[privacy.TrainingEvent],
+    ledger: PrivacyLedger,
+    run_id: str,
 ) -> TrainOutcome:
-    """Local DP-SGD from ``weights``; the new event is appended to ``ledger`` before weights are returned."""
+    """Local DP-SGD from ``weights``; the event is in the ledger before the weights are returned.
+
+    The returned epsilon composes every event the ledger holds for this training data (all rounds of
+    all runs that used the same ledger), not this round alone.
+    """
     data = client_data(config, client_id)
+    fingerprint = dataset_fingerprint(data.x_train)
     if config.dp_enabled:
         privacy.check_delta(config.delta, data.num_examples)
+        history = [e.training_event() for e in ledger.events(fingerprint)]
     trainer = trainer_for(config, spec, scaler)
     trainer.set_weights(weights)
     mu = config.proximal_mu if config.strategy == "fedprox" else 0.0
     result = trainer.fit(scaler.transform(data.x_train), epochs=config.local_epochs, proximal_mu=mu)
     event = epsilon = None
     if config.dp_enabled:
-        event = privacy.TrainingEvent(
+        recorded = LedgerEvent(
+            run_id,
             server_round,
+            fingerprint,
+            result.num_examples,
             config.noise_multiplier,
             result.sampling_probability,
             result.steps,
-            result.num_examples,
+            config.l2_norm_clip,
         )
-        ledger.append(event)
-        epsilon = privacy.cumulative_epsilon(ledger, config.delta, config.accountant)
+        ledger.record(recorded)
+        event = recorded.training_event()
+        epsilon = privacy.cumulative_epsilon([*history, event], config.delta, config.accountant)
     return TrainOutcome(trainer.get_weights(), result.num_examples, result.loss, event, epsilon)
 
 

@@ -41,6 +41,13 @@ def test_two_clients_two_rounds_with_dp_end_to_end(tmp_path) -> None:
         ]
         expected = cumulative_epsilon(round_event, config.delta)
         assert p["sample_level"]["per_client"][str(client_id)] == pytest.approx(expected, rel=1e-6)
+    # Each client's events are in its durable ledger under RUN_DIR/state.
+    from shared.ledger import PrivacyLedger, dataset_fingerprint, ledger_path
+
+    for client_id in (0, 1):
+        with PrivacyLedger(ledger_path(tmp_path / "run" / "state", client_id), create=False) as ledger:
+            fingerprint = dataset_fingerprint(load_client_data(config, client_id).x_train)
+            assert [e.round for e in ledger.events(fingerprint)] == [1, 2]
     first, second = p["sample_level"]["per_round_max_epsilon"]
     assert second > first > 0
     assert p["sample_level"]["max_epsilon"] == pytest.approx(second)

@@ -1,0 +1,168 @@
+"""The client's durable privacy ledger: every DP-SGD training it ran, in an embedded SQLite database.
+
+One database per site (per simulated client in simulation), at
+``<state-dir>/client-<id>/privacy-ledger.sqlite``.
+Events are only ever appended: there is no update or delete, and a database that cannot be read is an
+error, never a reason to start a fresh one (losing the ledger would under-report privacy loss). Each
+``record`` is one committed transaction in WAL mode with ``synchronous=FULL``, so once it returns the
+event survives a crash of the process; the client records an event before it sends the weights the
+event paid for.
+
+Epsilon composes over every event recorded for the same data set, across rounds and runs: events are
+keyed by a fingerprint of the training data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from shared.privacy import TrainingEvent
+
+SCHEMA_VERSION = 1
+LEDGER_FILE = "privacy-ledger.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    dataset_fingerprint TEXT NOT NULL,
+    num_examples INTEGER NOT NULL CHECK (num_examples > 0),
+    noise_multiplier REAL NOT NULL CHECK (noise_multiplier > 0),
+    sampling_probability REAL NOT NULL CHECK (sampling_probability > 0 AND sampling_probability <= 1),
+    steps INTEGER NOT NULL CHECK (steps >= 0),
+    l2_norm_clip REAL NOT NULL CHECK (l2_norm_clip > 0),
+    sampling TEXT NOT NULL,
+    recorded_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_data ON events (dataset_fingerprint);
+"""
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be opened or read; nothing is reset or overwritten."""
+
+
+def dataset_fingerprint(x: np.ndarray) -> str:
+    """SHA-256 of a training array's dtype, shape and bytes: the same data gives the same key."""
+    array = np.ascontiguousarray(x)
+    digest = hashlib.sha256(f"{array.dtype.str}|{array.shape}|".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def ledger_path(state_dir: str | Path, client_id: int) -> Path:
+    return Path(state_dir) / f"client-{client_id}" / LEDGER_FILE
+
+
+@dataclass(frozen=True)
+class LedgerEvent:
+    """One recorded local DP-SGD training."""
+
+    run_id: str
+    round: int
+    dataset_fingerprint: str
+    num_examples: int
+    noise_multiplier: float
+    sampling_probability: float
+    steps: int
+    l2_norm_clip: float
+    sampling: str = "poisson"
+    recorded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    def training_event(self) -> TrainingEvent:
+        return TrainingEvent(
+            self.round, self.noise_multiplier, self.sampling_probability, self.steps, self.num_examples
+        )
+
+
+class PrivacyLedger:
+    """Append-only SQLite store of a client's privacy events."""
+
+    def __init__(self, path: str | Path, create: bool = True) -> None:
+        self.path = Path(path)
+        if not self.path.exists() and not create:
+            raise LedgerError(f"{self.path}: no privacy ledger here")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=FULL")
+            self._initialise()
+        except sqlite3.DatabaseError as err:
+            raise LedgerError(
+                f"{self.path}: not a readable privacy ledger ({err}); it was left untouched"
+            ) from err
+
+    def _initialise(self) -> None:
+        connection = self._connection
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "meta" not in tables:
+            raise LedgerError(
+                f"{self.path}: an SQLite file that is not a fedae privacy ledger (tables {sorted(tables)})"
+            )
+        connection.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        row = connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            connection.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise LedgerError(
+                f"{self.path}: ledger schema version {row[0]} is newer than this fedae's "
+                f"({SCHEMA_VERSION}); upgrade fedae"
+            )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._connection.execute("ROLLBACK")
+            raise
+        self._connection.execute("COMMIT")
+
+    def record(self, event: LedgerEvent) -> None:
+        """Append ``event``; when this returns, the event is on disk."""
+        values = asdict(event)
+        columns = ", ".join(values)
+        placeholders = ", ".join("?" for _ in values)
+        try:
+            with self._transaction():
+                self._connection.execute(
+                    f"INSERT INTO events ({columns}) VALUES ({placeholders})", tuple(values.values())
+                )
+        except sqlite3.DatabaseError as err:
+            raise LedgerError(f"{self.path}: could not record a privacy event ({err})") from err
+
+    def events(self, dataset_fingerprint: str | None = None) -> list[LedgerEvent]:
+        names = [f.name for f in LedgerEvent.__dataclass_fields__.values()]
+        query = f"SELECT {', '.join(names)} FROM events"
+        args: tuple[str, ...] = ()
+        if dataset_fingerprint is not None:
+            query += " WHERE dataset_fingerprint = ?"
+            args = (dataset_fingerprint,)
+        try:
+            rows = self._connection.execute(query + " ORDER BY id", args).fetchall()
+        except sqlite3.DatabaseError as err:
+            raise LedgerError(f"{self.path}: could not read the privacy events ({err})") from err
+        return [LedgerEvent(**dict(zip(names, row, strict=True))) for row in rows]
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> PrivacyLedger:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

@@ -1,0 +1,128 @@
+"""The durable privacy ledger: append-only, crash-safe, never silently reset."""
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.config import FedaeConfig
+from shared.data.sources import DataSpec
+from shared.ledger import LedgerError, LedgerEvent, PrivacyLedger, dataset_fingerprint, ledger_path
+from shared.preprocess import Scaler
+from shared.privacy import cumulative_epsilon
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def event(round_: int, fingerprint: str = "f" * 64) -> LedgerEvent:
+    return LedgerEvent("run-1", round_, fingerprint, 1000, 1.2, 0.05, 20, 0.5)
+
+
+def test_events_survive_reopening_and_are_keyed_by_data(tmp_path) -> None:
+    path = ledger_path(tmp_path, 3)
+    first = event(1)
+    with PrivacyLedger(path) as ledger:
+        ledger.record(first)
+        ledger.record(event(2))
+        ledger.record(event(1, fingerprint="0" * 64))
+    assert path == tmp_path / "client-3" / "privacy-ledger.sqlite"
+    with PrivacyLedger(path, create=False) as ledger:
+        assert [e.round for e in ledger.events("f" * 64)] == [1, 2]
+        assert len(ledger.events()) == 3
+        assert ledger.events("f" * 64)[0] == first  # every field, the time included
+
+
+def test_an_event_recorded_before_a_crash_is_not_lost(tmp_path) -> None:
+    # A client process records its event, then dies before it could send anything (os._exit skips
+    # every clean-up: no close, no flush by Python).
+    path = ledger_path(tmp_path, 0)
+    code = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]);"
+        "from shared.ledger import PrivacyLedger, LedgerEvent;"
+        "ledger = PrivacyLedger(sys.argv[2]);"
+        "ledger.record(LedgerEvent('run', 1, 'a' * 64, 100, 1.0, 0.1, 10, 1.0));"
+        "os._exit(9)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT), str(path)], capture_output=True)
+    assert result.returncode == 9
+    with PrivacyLedger(path, create=False) as ledger:
+        assert [(e.round, e.steps) for e in ledger.events("a" * 64)] == [(1, 10)]
+
+
+def test_damaged_or_foreign_files_are_errors_and_left_untouched(tmp_path) -> None:
+    garbage = tmp_path / "client-0" / "privacy-ledger.sqlite"
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"not a database" * 100)
+    with pytest.raises(LedgerError, match="not a readable privacy ledger"):
+        PrivacyLedger(garbage)
+    assert garbage.read_bytes() == b"not a database" * 100
+
+    foreign = tmp_path / "other.sqlite"
+    with sqlite3.connect(foreign) as connection:
+        connection.execute("CREATE TABLE customers (id INTEGER)")
+    with pytest.raises(LedgerError, match="not a fedae privacy ledger"):
+        PrivacyLedger(foreign)
+
+    with pytest.raises(LedgerError, match="no privacy ledger here"):
+        PrivacyLedger(tmp_path / "missing.sqlite", create=False)
+
+
+def test_a_ledger_from_a_newer_fedae_is_refused(tmp_path) -> None:
+    path = tmp_path / "l.sqlite"
+    PrivacyLedger(path).close()
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(LedgerError, match="schema version 99 is newer"):
+        PrivacyLedger(path)
+
+
+def test_invalid_events_are_refused_by_the_schema(tmp_path) -> None:
+    with PrivacyLedger(tmp_path / "l.sqlite") as ledger:
+        with pytest.raises(LedgerError, match="could not record"):
+            ledger.record(LedgerEvent("run", 1, "f" * 64, 100, 1.0, 0.1, 10, 0.0))  # clip 0 = no DP
+        assert ledger.events() == []
+
+
+def test_fingerprint_depends_on_every_value_and_the_shape(rng) -> None:
+    x = rng.normal(size=(50, 4)).astype(np.float32)
+    assert dataset_fingerprint(x) == dataset_fingerprint(x.copy())
+    y = x.copy()
+    y[17, 2] += 1e-3
+    assert dataset_fingerprint(y) != dataset_fingerprint(x)
+    assert dataset_fingerprint(x.reshape(100, 2)) != dataset_fingerprint(x)
+
+
+def test_client_epsilon_composes_across_rounds_and_runs_of_the_same_data(tmp_path) -> None:
+    from shared.data.sources import load_client_data
+    from shared.task import train_client
+
+    config = FedaeConfig(
+        scenario="wdbc",
+        partition="iid",
+        num_clients=2,
+        batch_size=16,
+        latent_dim=4,
+        local_epochs=1,
+        noise_multiplier=1.5,
+        l2_norm_clip=0.5,
+    )
+    data = load_client_data(config, 0)
+    scaler = Scaler.fit(data.x_train, "tabular", None, flatten=True)
+    spec = DataSpec("tabular", (30,))
+    from shared.task import trainer_for
+
+    weights = trainer_for(config, spec, scaler).get_weights()
+    path = ledger_path(tmp_path, 0)
+    epsilons = []
+    for run_id, round_ in (("run-a", 1), ("run-a", 2), ("run-b", 1)):  # a second run of the same data
+        with PrivacyLedger(path) as ledger:
+            epsilons.append(train_client(config, spec, scaler, weights, 0, round_, ledger, run_id).epsilon)
+    with PrivacyLedger(path) as ledger:
+        events = ledger.events(dataset_fingerprint(data.x_train))
+    assert [(e.run_id, e.round) for e in events] == [("run-a", 1), ("run-a", 2), ("run-b", 1)]
+    assert epsilons[0] < epsilons[1] < epsilons[2]
+    expected = cumulative_epsilon([e.training_event() for e in events], config.delta, config.accountant)
+    assert epsilons[2] == pytest.approx(expected)
