@@ -67,6 +67,24 @@ def test_two_clients_two_rounds_with_dp_end_to_end(tmp_path) -> None:
     for name in ("summary.json", "report.md", "loss.png", "epsilon.png", "roc.png", "errors.png"):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "summary.json").read_text())["num_clients"] == 2
+    # The audit recomputes the same figures from the ledgers alone, with both accountants.
+    from fedae.cli import main
+    from shared.audit import audit_run
+
+    audit = audit_run(out)
+    assert audit["matches_run"] and audit["max_epsilon"] == pytest.approx(second)
+    assert [r["client"] for r in audit["clients"]] == [0, 1]
+    assert all(r["epsilon_pld"] < r["epsilon_rdp"] and r["rounds_trained"] == 2 for r in audit["clients"])
+    assert main(["privacy", "audit", str(out), "--json"]) == 0
+    # An event the run did not report (as after a later run on the same state-dir): flagged, exit 1.
+    with PrivacyLedger(ledger_path(out / "state", 1), create=False) as ledger:
+        ledger.record(ledger.events()[-1])
+    assert not audit_run(out)["matches_run"]
+    assert main(["privacy", "audit", str(out)]) == 1
+    # A damaged ledger: exit 2, and no number.
+    ledger_path(out / "state", 0).write_bytes(b"\0" * 4096)
+    assert main(["privacy", "audit", str(out)]) == 2
+
     assert set(summary["comparison"]) == {
         "federated dense AE (DP-SGD)",
         "central dense AE (no DP)",
