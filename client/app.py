@@ -14,10 +14,11 @@ load_tensorflow()  # flwr imports TensorFlow itself; load it first, quietly and 
 
 # isort: split
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from shared.ledger import PrivacyLedger, ledger_path
+from shared.privacy import BUDGET_EXHAUSTED, BudgetExhausted
 from shared.setup import decode_setup
 from shared.task import evaluate_client, train_client
 
@@ -45,17 +46,22 @@ def _state_dir(config_state_dir: str, context: Context) -> str:
 def train(msg: Message, context: Context) -> Message:
     config, spec, scaler = decode_setup(dict(msg.content["config"]))
     client_id = _client_id(context)
-    with PrivacyLedger(ledger_path(_state_dir(config.state_dir, context), client_id)) as ledger:
-        outcome = train_client(
-            config,
-            spec,
-            scaler,
-            msg.content["arrays"].to_numpy_ndarrays(),
-            client_id,
-            int(msg.content["config"]["server-round"]),
-            ledger,
-            str(context.run_id),
-        )
+    budget = float(context.node_config.get("target-epsilon", config.target_epsilon))
+    try:
+        with PrivacyLedger(ledger_path(_state_dir(config.state_dir, context), client_id)) as ledger:
+            outcome = train_client(
+                config,
+                spec,
+                scaler,
+                msg.content["arrays"].to_numpy_ndarrays(),
+                client_id,
+                int(msg.content["config"]["server-round"]),
+                ledger,
+                str(context.run_id),
+                target_epsilon=budget,
+            )
+    except BudgetExhausted as exhausted:
+        return Message(error=Error(code=BUDGET_EXHAUSTED, reason=str(exhausted)), reply_to=msg)
     metrics = {"train-loss": outcome.train_loss, "num-examples": outcome.num_examples, "client-id": client_id}
     if outcome.event is not None and outcome.epsilon is not None:
         metrics |= {

@@ -108,6 +108,8 @@ def _simulate(args: argparse.Namespace) -> int:
         worst = p["sample_level"]["max_epsilon"]
         shown = "none reported" if worst is None else f"{worst:.3f}"
         print(f"  privacy: worst client's epsilon {shown}; {p['statement']}")
+        if p["budget"]["stopped_early"]:
+            print(f"  stopped early: {p['budget']['stopped_early']}")
     else:
         print("  privacy: no DP (noise-multiplier 0, no clipping): no privacy guarantee")
     for name, auc in summary["comparison"].items():

@@ -19,7 +19,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from server.strategy import RoundRecorder, build_strategy
+from server.strategy import RoundRecorder, TooFewClients, build_strategy
 from shared import pipeline
 from shared.config import FedaeConfig
 from shared.setup import encode_setup
@@ -74,24 +74,34 @@ def run_federation(grid: Grid, config: FedaeConfig, compare_baselines: bool = Fa
         return MetricRecord({"calibration-loss": loss})
 
     setup_record = ConfigRecord(encode_setup(config, setup.spec, setup.scaler))
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(best["weights"]),
-        num_rounds=config.num_server_rounds,
-        train_config=setup_record,
-        evaluate_config=setup_record,
-        evaluate_fn=evaluate,
-    )
+    stopped_early = None
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(best["weights"]),
+            num_rounds=config.num_server_rounds,
+            train_config=setup_record,
+            evaluate_config=setup_record,
+            evaluate_fn=evaluate,
+        )
+    except TooFewClients as reason:
+        stopped_early = str(reason)
+        logger.warning("%s", reason)
     # Later rounds overwrite earlier ones: each client's latest figure is its cumulative epsilon.
     per_client = {
         cid: m.get("epsilon") for r in sorted(recorder.train) for cid, m in recorder.train[r].items()
     }
-    if best["round"] == 0:
+    if best["round"] == 0 and stopped_early is None:
         raise RuntimeError(
             "no round produced a finite calibration loss (training diverged); nothing exported. "
             "Lower learning-rate or l2-norm-clip"
         )
     logger.info("training done; fitting the threshold and exporting the detector to %s", setup.out_dir)
+    budget = {
+        "target_epsilon": config.target_epsilon or None,
+        "exhausted_clients": strategy.exhausted_clients(),
+        "stopped_early": stopped_early,
+    }
     return pipeline.finish(
         setup,
         best["weights"],
@@ -100,6 +110,7 @@ def run_federation(grid: Grid, config: FedaeConfig, compare_baselines: bool = Fa
         started,
         compare=compare_baselines,
         best_round=best["round"],
+        budget=budget,
     )
 
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from shared.config import FedaeConfig
+from shared.privacy import BUDGET_EXHAUSTED
 
 logger = logging.getLogger("fedae.server")
 
@@ -61,6 +65,7 @@ class RoundRecorder:
 
 
 def build_strategy(config: FedaeConfig, recorder: RoundRecorder, num_clients: int) -> Strategy:
+    """The configured Flower strategy, extended to drop clients whose privacy budget is spent."""
     minimum = min(config.min_available_clients, num_clients)
     common = dict(
         fraction_train=config.fraction_train,
@@ -71,8 +76,61 @@ def build_strategy(config: FedaeConfig, recorder: RoundRecorder, num_clients: in
         train_metrics_aggr_fn=recorder.aggregate_train,
         evaluate_metrics_aggr_fn=recorder.aggregate_evaluate,
     )
+    base, extra = FedAvg, {}
     if config.strategy == "fedadam":
-        return FedAdam(**common, eta=config.server_learning_rate, eta_l=config.learning_rate)
-    if config.strategy == "fedprox":
-        return FedProx(**common, proximal_mu=config.proximal_mu)
-    return FedAvg(**common)
+        base, extra = FedAdam, {"eta": config.server_learning_rate, "eta_l": config.learning_rate}
+    elif config.strategy == "fedprox":
+        base, extra = FedProx, {"proximal_mu": config.proximal_mu}
+    cls = type(f"BudgetAware{base.__name__}", (ExcludeExhausted, base), {"min_clients": minimum})
+    return cls(**common, **extra)
+
+
+class TooFewClients(RuntimeError):
+    """Fewer clients with privacy budget left than the run needs: it ends after the last full round."""
+
+
+class ExcludeExhausted:
+    """Strategy mixin: clients that replied "budget exhausted" get no further train or evaluate messages.
+
+    Placed before a Flower strategy in the class bases, it filters the messages the strategy configures
+    and reads the error replies before the strategy aggregates the rest.
+    """
+
+    min_clients: int = 1
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self.exhausted: dict[int, str] = {}  # node id -> the client's reason
+
+    def _open(self, messages: Iterable[Message]) -> list[Message]:
+        return [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        remaining = [n for n in grid.get_node_ids() if n not in self.exhausted]
+        if len(remaining) < self.min_clients:
+            raise TooFewClients(
+                f"{len(remaining)} client(s) with privacy budget left, fewer than "
+                f"min-available-clients {self.min_clients}; ending the run before round "
+                f"{server_round}"
+            )
+        return self._open(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._open(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[object, object]:
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error() and reply.error.code == BUDGET_EXHAUSTED:
+                self.exhausted[reply.metadata.src_node_id] = reply.error.reason
+                logger.warning("round %d: %s; excluded from later rounds", server_round, reply.error.reason)
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+
+    def exhausted_clients(self) -> list[int]:
+        """Client ids (from the clients' own messages) that ran out of budget."""
+        ids = [re.search(r"client-id=(\d+)", reason) for reason in self.exhausted.values()]
+        return sorted(int(m.group(1)) for m in ids if m)

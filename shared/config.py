@@ -52,6 +52,7 @@ class FedaeConfig:
     noise_multiplier: float = 1.5
     l2_norm_clip: float = 0.25
     delta: float = 1e-5
+    target_epsilon: float = 3.0
     accountant: str = "rdp"
     denoise_stddev: float = 0.0
     anomaly_score: str = "max-standardized"
@@ -140,7 +141,14 @@ class FedaeConfig:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{_key(name)} must be a positive number, got {value}")
-        for name in ("noise_multiplier", "l2_norm_clip", "denoise_stddev", "proximal_mu", "threshold_k"):
+        for name in (
+            "noise_multiplier",
+            "l2_norm_clip",
+            "denoise_stddev",
+            "proximal_mu",
+            "threshold_k",
+            "target_epsilon",
+        ):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{_key(name)} must be >= 0, got {value}")

@@ -151,6 +151,7 @@ def finish(
     started: float,
     compare: bool = True,
     best_round: int | None = None,
+    budget: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit the threshold, evaluate, export the bundle and write the report; returns the summary."""
     config = setup.config
@@ -170,6 +171,11 @@ def finish(
     rule = describe_rule(config.threshold_rule, config.threshold_percentile, config.threshold_k)
     per_round_max = [r.get("max_epsilon") for r in rounds]
     privacy_info = privacy_section(config, per_client_epsilon, per_round_max)
+    privacy_info["budget"] = budget or {
+        "target_epsilon": config.target_epsilon or None,
+        "exhausted_clients": [],
+        "stopped_early": None,
+    }
 
     detector = Detector(
         trainer.model,

@@ -69,6 +69,20 @@ def cumulative_epsilon(events: Iterable[TrainingEvent], delta: float, accountant
     return float(acc.get_epsilon(delta))
 
 
+BUDGET_EXHAUSTED = 4201  # error code of a client's "budget exhausted" reply
+
+
+class BudgetExhausted(Exception):
+    """Training this round would take a client's cumulative epsilon past its budget."""
+
+    def __init__(self, client_id: int, current: float, projected: float, budget: float, delta: float) -> None:
+        super().__init__(
+            f"budget exhausted: client-id={client_id} is at epsilon {current:.4f} and this round would take "
+            f"it to {projected:.4f}, above its target-epsilon {budget:g} (delta {delta:g}); it does not train"
+        )
+        self.client_id, self.current, self.projected, self.budget = client_id, current, projected, budget
+
+
 def check_delta(delta: float, num_examples: int) -> None:
     """Refuse a delta that permits leaking a whole record: delta must be below 1/n."""
     if delta >= 1.0 / max(num_examples, 1):

@@ -109,6 +109,16 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _budget_line(budget: dict[str, Any]) -> str:
+    line = (
+        f"Budget: target-epsilon {budget.get('target_epsilon') or 'none'}; clients out of budget: "
+        f"{budget.get('exhausted_clients') or 'none'}."
+    )
+    if budget.get("stopped_early"):
+        line += f" The run stopped early: {budget['stopped_early']}."
+    return line
+
+
 def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Path:
     p, d = summary["privacy"], summary["detector"]
     lines = [
@@ -133,6 +143,8 @@ def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Pa
             ],
             "",
             f"Not covered: {p['not_covered']}",
+            "",
+            _budget_line(p.get("budget") or {}),
         ]
     else:
         lines += ["**no DP**: noise multiplier 0 and no clipping. This run has no privacy guarantee."]

@@ -6,6 +6,7 @@ The ClientApp and ServerApp translate Flower messages to and from these function
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -92,6 +93,7 @@ def train_client(
     server_round: int,
     ledger: PrivacyLedger,
     run_id: str,
+    target_epsilon: float | None = None,
 ) -> TrainOutcome:
     """Local DP-SGD from ``weights``; the event is in the ledger before the weights are returned.
 
@@ -100,9 +102,24 @@ def train_client(
     """
     data = client_data(config, client_id)
     fingerprint = dataset_fingerprint(data.x_train)
+    target_epsilon = config.target_epsilon if target_epsilon is None else target_epsilon
     if config.dp_enabled:
         privacy.check_delta(config.delta, data.num_examples)
         history = [e.training_event() for e in ledger.events(fingerprint)]
+        if target_epsilon > 0:
+            # The round's sampling rate and step count are known before training: check the epsilon
+            # the client would have afterwards, and refuse to spend past the budget.
+            planned = privacy.TrainingEvent(
+                server_round,
+                config.noise_multiplier,
+                config.batch_size / data.num_examples,
+                config.local_epochs * math.ceil(data.num_examples / config.batch_size),
+                data.num_examples,
+            )
+            projected = privacy.cumulative_epsilon([*history, planned], config.delta, config.accountant)
+            if projected > target_epsilon:
+                current = privacy.cumulative_epsilon(history, config.delta, config.accountant)
+                raise privacy.BudgetExhausted(client_id, current, projected, target_epsilon, config.delta)
     trainer = trainer_for(config, spec, scaler)
     trainer.set_weights(weights)
     mu = config.proximal_mu if config.strategy == "fedprox" else 0.0

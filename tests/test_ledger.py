@@ -108,6 +108,7 @@ def test_client_epsilon_composes_across_rounds_and_runs_of_the_same_data(tmp_pat
         local_epochs=1,
         noise_multiplier=1.5,
         l2_norm_clip=0.5,
+        target_epsilon=0.0,  # no budget: this test is about composition
     )
     data = load_client_data(config, 0)
     scaler = Scaler.fit(data.x_train, "tabular", None, flatten=True)
@@ -126,3 +127,39 @@ def test_client_epsilon_composes_across_rounds_and_runs_of_the_same_data(tmp_pat
     assert epsilons[0] < epsilons[1] < epsilons[2]
     expected = cumulative_epsilon([e.training_event() for e in events], config.delta, config.accountant)
     assert epsilons[2] == pytest.approx(expected)
+
+
+def test_a_round_that_would_exceed_the_budget_is_refused_before_training(tmp_path) -> None:
+    from shared.data.sources import load_client_data
+    from shared.privacy import BudgetExhausted
+    from shared.task import train_client, trainer_for
+
+    config = FedaeConfig(
+        scenario="wdbc",
+        partition="iid",
+        num_clients=2,
+        batch_size=16,
+        latent_dim=4,
+        local_epochs=1,
+        noise_multiplier=1.5,
+        l2_norm_clip=0.5,
+        target_epsilon=2.5,
+    )
+    data = load_client_data(config, 1)
+    scaler = Scaler.fit(data.x_train, "tabular", None, flatten=True)
+    spec = DataSpec("tabular", (30,))
+    weights = trainer_for(config, spec, scaler).get_weights()
+    path = ledger_path(tmp_path, 1)
+    with PrivacyLedger(path) as ledger:
+        first = train_client(config, spec, scaler, weights, 1, 1, ledger, "run").epsilon
+        assert first < 2.5
+        with pytest.raises(
+            BudgetExhausted, match=r"client-id=1 is at epsilon .* above its target-epsilon 2.5"
+        ):
+            train_client(config, spec, scaler, weights, 1, 2, ledger, "run")
+        assert [e.round for e in ledger.events()] == [1]  # nothing recorded, nothing spent
+        # A site's own, larger budget (node config) lets it go on.
+        assert (
+            train_client(config, spec, scaler, weights, 1, 2, ledger, "run", target_epsilon=10.0).epsilon
+            > first
+        )

@@ -103,3 +103,30 @@ def test_no_dp_run_says_so_and_has_null_privacy_figures(tmp_path) -> None:
     assert p["sample_level"]["per_round_max_epsilon"] is None
     assert "no DP" in (tmp_path / "plain" / "report.md").read_text()
     assert load_bundle(tmp_path / "plain" / "bundle").metadata["privacy"]["dp"] is False
+
+
+def test_clients_that_would_exceed_their_budget_stop_and_the_run_ends_cleanly(tmp_path) -> None:
+    config = wdbc_config(tmp_path / "budget", num_server_rounds=4)
+    n = load_client_data(config, 0).num_examples
+    steps = math.ceil(n / config.batch_size)
+    rounds = [TrainingEvent(r, config.noise_multiplier, config.batch_size / n, steps, n) for r in (1, 2)]
+    after_one = cumulative_epsilon(rounds[:1], config.delta)
+    after_two = cumulative_epsilon(rounds, config.delta)
+    # A budget that allows one round but not two.
+    summary = simulate(config.replace(target_epsilon=(after_one + after_two) / 2))
+
+    budget = summary["privacy"]["budget"]
+    assert budget["exhausted_clients"] == [0, 1]
+    assert "fewer than min-available-clients" in budget["stopped_early"]
+    assert [r["clients"] for r in summary["rounds"]] == [[0, 1], []]  # round 2: nobody trained
+    assert summary["privacy"]["sample_level"]["max_epsilon"] == pytest.approx(after_one)
+    assert summary["best_round"] == 1
+    assert load_bundle(tmp_path / "budget" / "bundle").threshold == pytest.approx(
+        summary["detector"]["threshold"]
+    )
+    # Nothing was spent past the budget: each ledger holds the one round that fitted.
+    from shared.ledger import PrivacyLedger, ledger_path
+
+    for client_id in (0, 1):
+        with PrivacyLedger(ledger_path(tmp_path / "budget" / "state", client_id), create=False) as ledger:
+            assert [e.round for e in ledger.events()] == [1]
