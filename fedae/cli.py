@@ -125,7 +125,7 @@ def _privacy(args: argparse.Namespace) -> int:
 
     audit = audit_run(args.run_dir)
     print(json.dumps(audit, indent=2) if args.json else format_audit(audit))
-    return EXIT_OK if audit["matches_run"] else EXIT_FAILURE
+    return EXIT_OK if audit["matches_run"] and audit["all_within_budget"] else EXIT_FAILURE
 
 
 def _scenarios(_: argparse.Namespace) -> int:

@@ -43,8 +43,11 @@ def run_federation(grid: Grid, config: FedaeConfig, compare_baselines: bool = Fa
         weights = arrays.to_numpy_ndarrays()
         loss = pipeline.calibration_loss(setup, weights)
         recorder.end_round(server_round)
-        if server_round > 0:
-            train = recorder.train.get(server_round, {})
+        train = recorder.train.get(server_round, {})
+        if server_round > 0 and not train:
+            # Nobody trained (every client refused: budget spent): no new model, no round to record.
+            logger.warning("round %d/%d: no client trained", server_round, config.num_server_rounds)
+        if server_round > 0 and train:
             held_out = recorder.evaluate.get(server_round, {})
             latest_epsilon.update({cid: m["epsilon"] for cid, m in train.items() if "epsilon" in m})
             epsilons = list(latest_epsilon.values())
@@ -91,7 +94,9 @@ def run_federation(grid: Grid, config: FedaeConfig, compare_baselines: bool = Fa
     per_client = {
         cid: m.get("epsilon") for r in sorted(recorder.train) for cid, m in recorder.train[r].items()
     }
-    if best["round"] == 0 and stopped_early is None:
+    if best["round"] == 0 and stopped_early is not None:
+        raise RuntimeError(f"no round trained before the run stopped ({stopped_early}); nothing exported")
+    if best["round"] == 0:
         raise RuntimeError(
             "no round produced a finite calibration loss (training diverged); nothing exported. "
             "Lower learning-rate or l2-norm-clip"

@@ -89,6 +89,19 @@ class TooFewClients(RuntimeError):
     """Fewer clients with privacy budget left than the run needs: it ends after the last full round."""
 
 
+class _GridWithout:
+    """A Flower Grid seen without some nodes: the strategy samples ``fraction-train`` of the rest."""
+
+    def __init__(self, grid: Grid, excluded: set[int]) -> None:
+        self._grid, self._excluded = grid, excluded
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self._grid.get_node_ids() if n not in self._excluded]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._grid, name)
+
+
 class ExcludeExhausted:
     """Strategy mixin: clients that replied "budget exhausted" get no further train or evaluate messages.
 
@@ -105,6 +118,10 @@ class ExcludeExhausted:
     def _open(self, messages: Iterable[Message]) -> list[Message]:
         return [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
 
+    def _grid(self, grid: Grid) -> Grid:
+        """The grid as the strategy should see it: nodes out of budget are not there to be sampled."""
+        return _GridWithout(grid, set(self.exhausted))  # type: ignore[return-value]
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -115,12 +132,16 @@ class ExcludeExhausted:
                 f"min-available-clients {self.min_clients}; ending the run before round "
                 f"{server_round}"
             )
-        return self._open(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        return self._open(super().configure_train(server_round, arrays, config, self._grid(grid)))  # type: ignore[misc]
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self._open(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
+        open_grid = self._grid(grid)
+        if len(open_grid.get_node_ids()) < self.min_clients:
+            # Flower's sampler would wait for nodes that will never come back; evaluate nobody instead.
+            return []
+        return self._open(super().configure_evaluate(server_round, arrays, config, open_grid))  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[object, object]:
         replies = list(replies)

@@ -89,37 +89,51 @@ class PrivacyLedger:
     """Append-only SQLite store of a client's privacy events."""
 
     def __init__(self, path: str | Path, create: bool = True) -> None:
+        """Open (``create``: or start) the ledger at ``path``; ``create=False`` opens it read-only."""
         self.path = Path(path)
         if not self.path.exists() and not create:
             raise LedgerError(f"{self.path}: no privacy ledger here")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            self._connection.execute("PRAGMA journal_mode=WAL")
-            self._connection.execute("PRAGMA synchronous=FULL")
-            self._initialise()
+            if create:
+                self._connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            else:
+                uri = f"file:{self.path.resolve()}?mode=ro"
+                self._connection = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
+            self._check_existing()
+            if create:
+                self._connection.execute("PRAGMA journal_mode=WAL")
+                self._connection.execute("PRAGMA synchronous=FULL")
+                with self._transaction():
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            self._connection.execute(statement)
+                    self._connection.execute(
+                        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                        (str(SCHEMA_VERSION),),
+                    )
         except sqlite3.DatabaseError as err:
             raise LedgerError(
                 f"{self.path}: not a readable privacy ledger ({err}); it was left untouched"
             ) from err
 
-    def _initialise(self) -> None:
-        connection = self._connection
-        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if tables and "meta" not in tables:
+    def _check_existing(self) -> None:
+        """Refuse, before writing anything, a file that is not (or no longer) a whole fedae ledger."""
+        query = "SELECT name FROM sqlite_master WHERE type='table'"
+        tables = {row[0] for row in self._connection.execute(query)} - {"sqlite_sequence"}
+        if not tables:
+            return
+        if "meta" not in tables:
             raise LedgerError(
                 f"{self.path}: an SQLite file that is not a fedae privacy ledger (tables {sorted(tables)})"
             )
-        connection.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
-        row = connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
-            connection.execute(
-                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
-        elif int(row[0]) > SCHEMA_VERSION:
+        if "events" not in tables:
+            raise LedgerError(f"{self.path}: the ledger's events table is gone; refusing to start a new one")
+        row = self._connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is not None and int(row[0]) > SCHEMA_VERSION:
             raise LedgerError(
-                f"{self.path}: ledger schema version {row[0]} is newer than this fedae's "
-                f"({SCHEMA_VERSION}); upgrade fedae"
+                f"{self.path}: ledger schema version {row[0]} is newer than this fedae's ({SCHEMA_VERSION}); "
+                "upgrade fedae"
             )
 
     @contextmanager

@@ -97,15 +97,18 @@ def train_client(
 ) -> TrainOutcome:
     """Local DP-SGD from ``weights``; the event is in the ledger before the weights are returned.
 
-    The returned epsilon composes every event the ledger holds for this training data (all rounds of
-    all runs that used the same ledger), not this round alone.
+    The returned epsilon composes every event in the client's ledger (all rounds of all runs that used
+    it), not this round alone.
     """
     data = client_data(config, client_id)
     fingerprint = dataset_fingerprint(data.x_train)
     target_epsilon = config.target_epsilon if target_epsilon is None else target_epsilon
     if config.dp_enabled:
         privacy.check_delta(config.delta, data.num_examples)
-        history = [e.training_event() for e in ledger.events(fingerprint)]
+        # Every event in this client's ledger counts, whatever data it was on: a re-split, re-seeded or
+        # slightly edited copy of a site's data is still mostly the same people, so starting it from
+        # zero would under-report. The fingerprint is kept with each event for the audit trail.
+        history = [e.training_event() for e in ledger.events()]
         if target_epsilon > 0:
             # The round's sampling rate and step count are known before training: check the epsilon
             # the client would have afterwards, and refuse to spend past the budget.

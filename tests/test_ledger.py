@@ -163,3 +163,35 @@ def test_a_round_that_would_exceed_the_budget_is_refused_before_training(tmp_pat
             train_client(config, spec, scaler, weights, 1, 2, ledger, "run", target_epsilon=10.0).epsilon
             > first
         )
+
+
+def test_foreign_files_are_not_modified_and_a_lost_events_table_is_not_recreated(tmp_path) -> None:
+    foreign = tmp_path / "other.sqlite"
+    with sqlite3.connect(foreign) as connection:
+        connection.execute("CREATE TABLE customers (id INTEGER)")
+    before = foreign.read_bytes()
+    with pytest.raises(LedgerError, match="not a fedae privacy ledger"):
+        PrivacyLedger(foreign)
+    assert foreign.read_bytes() == before  # not even switched to WAL
+
+    path = tmp_path / "l.sqlite"
+    with PrivacyLedger(path) as ledger:
+        ledger.record(event(1))
+    with sqlite3.connect(path) as connection:
+        connection.execute("DROP TABLE events")
+    with pytest.raises(LedgerError, match="events table is gone"):
+        PrivacyLedger(path)
+
+
+def test_reading_a_ledger_writes_nothing(tmp_path) -> None:
+    path = tmp_path / "l.sqlite"
+    with PrivacyLedger(path) as ledger:
+        ledger.record(event(1))
+    path.chmod(0o444)
+    try:
+        with PrivacyLedger(path, create=False) as ledger:
+            assert len(ledger.events()) == 1
+            with pytest.raises(LedgerError, match="could not record"):
+                ledger.record(event(2))
+    finally:
+        path.chmod(0o644)

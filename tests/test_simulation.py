@@ -77,7 +77,7 @@ def test_two_clients_two_rounds_with_dp_end_to_end(tmp_path) -> None:
     assert all(r["epsilon_pld"] < r["epsilon_rdp"] and r["rounds_trained"] == 2 for r in audit["clients"])
     assert main(["privacy", "audit", str(out), "--json"]) == 0
     # An event the run did not report (as after a later run on the same state-dir): flagged, exit 1.
-    with PrivacyLedger(ledger_path(out / "state", 1), create=False) as ledger:
+    with PrivacyLedger(ledger_path(out / "state", 1)) as ledger:  # opened for writing, as a client does
         ledger.record(ledger.events()[-1])
     assert not audit_run(out)["matches_run"]
     assert main(["privacy", "audit", str(out)]) == 1
@@ -118,7 +118,7 @@ def test_clients_that_would_exceed_their_budget_stop_and_the_run_ends_cleanly(tm
     budget = summary["privacy"]["budget"]
     assert budget["exhausted_clients"] == [0, 1]
     assert "fewer than min-available-clients" in budget["stopped_early"]
-    assert [r["clients"] for r in summary["rounds"]] == [[0, 1], []]  # round 2: nobody trained
+    assert [r["clients"] for r in summary["rounds"]] == [[0, 1]]  # round 2: nobody trained, not a round
     assert summary["privacy"]["sample_level"]["max_epsilon"] == pytest.approx(after_one)
     assert summary["best_round"] == 1
     assert load_bundle(tmp_path / "budget" / "bundle").threshold == pytest.approx(
