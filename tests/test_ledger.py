@@ -95,9 +95,10 @@ def test_fingerprint_depends_on_every_value_and_the_shape(rng) -> None:
     assert dataset_fingerprint(x.reshape(100, 2)) != dataset_fingerprint(x)
 
 
-def test_client_epsilon_composes_across_rounds_and_runs_of_the_same_data(tmp_path) -> None:
+def _wdbc_client(client_id: int, target_epsilon: float) -> tuple:
+    """A real wdbc client's config, data spec, scaler, initial weights and data, for train_client."""
     from shared.data.sources import load_client_data
-    from shared.task import train_client
+    from shared.task import trainer_for
 
     config = FedaeConfig(
         scenario="wdbc",
@@ -108,14 +109,18 @@ def test_client_epsilon_composes_across_rounds_and_runs_of_the_same_data(tmp_pat
         local_epochs=1,
         noise_multiplier=1.5,
         l2_norm_clip=0.5,
-        target_epsilon=0.0,  # no budget: this test is about composition
+        target_epsilon=target_epsilon,
     )
-    data = load_client_data(config, 0)
+    data = load_client_data(config, client_id)
     scaler = Scaler.fit(data.x_train, "tabular", None, flatten=True)
     spec = DataSpec("tabular", (30,))
-    from shared.task import trainer_for
+    return config, spec, scaler, trainer_for(config, spec, scaler).get_weights(), data
 
-    weights = trainer_for(config, spec, scaler).get_weights()
+
+def test_client_epsilon_composes_across_rounds_and_runs_of_the_same_data(tmp_path) -> None:
+    from shared.task import train_client
+
+    config, spec, scaler, weights, data = _wdbc_client(0, target_epsilon=0.0)  # no budget: composition only
     path = ledger_path(tmp_path, 0)
     epsilons = []
     for run_id, round_ in (("run-a", 1), ("run-a", 2), ("run-b", 1)):  # a second run of the same data
@@ -130,25 +135,10 @@ def test_client_epsilon_composes_across_rounds_and_runs_of_the_same_data(tmp_pat
 
 
 def test_a_round_that_would_exceed_the_budget_is_refused_before_training(tmp_path) -> None:
-    from shared.data.sources import load_client_data
     from shared.privacy import BudgetExhausted
-    from shared.task import train_client, trainer_for
+    from shared.task import train_client
 
-    config = FedaeConfig(
-        scenario="wdbc",
-        partition="iid",
-        num_clients=2,
-        batch_size=16,
-        latent_dim=4,
-        local_epochs=1,
-        noise_multiplier=1.5,
-        l2_norm_clip=0.5,
-        target_epsilon=2.5,
-    )
-    data = load_client_data(config, 1)
-    scaler = Scaler.fit(data.x_train, "tabular", None, flatten=True)
-    spec = DataSpec("tabular", (30,))
-    weights = trainer_for(config, spec, scaler).get_weights()
+    config, spec, scaler, weights, _ = _wdbc_client(1, target_epsilon=2.5)
     path = ledger_path(tmp_path, 1)
     with PrivacyLedger(path) as ledger:
         first = train_client(config, spec, scaler, weights, 1, 1, ledger, "run").epsilon
