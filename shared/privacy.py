@@ -9,7 +9,7 @@ sigma), which is what ``shared.training`` actually does.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import dp_accounting
 from dp_accounting import pld, rdp
@@ -43,9 +43,6 @@ class TrainingEvent:
             self.sampling_probability, dp_accounting.GaussianDpEvent(self.noise_multiplier)
         )
         return dp_accounting.SelfComposedDpEvent(step, self.steps)
-
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self)
 
 
 def _accountant(name: str) -> dp_accounting.PrivacyAccountant:

@@ -6,7 +6,6 @@ The ClientApp and ServerApp translate Flower messages to and from these function
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from shared.data.sources import ClientData, DataSpec, load_client_data
 from shared.ledger import LedgerEvent, PrivacyLedger, dataset_fingerprint
 from shared.models import ModelSpec
 from shared.preprocess import Scaler
-from shared.training import LocalTrainer, TrainSettings, get_trainer
+from shared.training import LocalTrainer, TrainSettings, get_trainer, sampling_plan
 
 logger = logging.getLogger(f"fedae.{__name__}")
 
@@ -101,7 +100,6 @@ def train_client(
     it), not this round alone.
     """
     data = client_data(config, client_id)
-    fingerprint = dataset_fingerprint(data.x_train)
     target_epsilon = config.target_epsilon if target_epsilon is None else target_epsilon
     if config.dp_enabled:
         privacy.check_delta(config.delta, data.num_examples)
@@ -109,15 +107,13 @@ def train_client(
         # slightly edited copy of a site's data is still mostly the same people, so starting it from
         # zero would under-report. The fingerprint is kept with each event for the audit trail.
         history = [e.training_event() for e in ledger.events()]
+        fingerprint = dataset_fingerprint(data.x_train)
         if target_epsilon > 0:
             # The round's sampling rate and step count are known before training: check the epsilon
             # the client would have afterwards, and refuse to spend past the budget.
+            q, steps = sampling_plan(data.num_examples, config.batch_size, config.local_epochs)
             planned = privacy.TrainingEvent(
-                server_round,
-                config.noise_multiplier,
-                config.batch_size / data.num_examples,
-                config.local_epochs * math.ceil(data.num_examples / config.batch_size),
-                data.num_examples,
+                server_round, config.noise_multiplier, q, steps, data.num_examples
             )
             projected = privacy.cumulative_epsilon([*history, planned], config.delta, config.accountant)
             if projected > target_epsilon:

@@ -57,11 +57,6 @@ def load_tensorflow() -> ModuleType:
     return tensorflow
 
 
-def switches_hold() -> bool:
-    """Whether both import-time switches are in effect in this process."""
-    return os.environ.get("TF_USE_LEGACY_KERAS") == "1" and getattr(sys, "skip_tf_privacy_import", False)
-
-
 def configure_tensorflow(num_threads: int | None = None) -> str:
     """Import TensorFlow once per process, set thread counts and GPU memory growth.
 

@@ -268,8 +268,8 @@ class LocalTrainer:
         for anchor, variable in zip(self.anchor, self.model.trainable_variables, strict=True):
             anchor.assign(variable)
         x_all = tf.convert_to_tensor(x, dtype=tf.float32)
-        q = b / n
-        steps_per_epoch = math.ceil(n / b)
+        q, planned_steps = sampling_plan(n, b, epochs)
+        steps_per_epoch = planned_steps // epochs
         loss_sum, seen, steps = 0.0, 0, 0
         for _ in range(epochs):
             if self.settings.dp:
@@ -302,6 +302,14 @@ class LocalTrainer:
         return float(
             tf.reduce_mean(self.loss_fn(tf.convert_to_tensor(x), self.model(inputs, training=False)))
         )
+
+
+def sampling_plan(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """DP-SGD's sampling probability and step count for a fit: q = B / n, epochs * ceil(n / B) steps.
+
+    Known before training, so a client can check its budget against exactly what the fit will spend.
+    """
+    return batch_size / num_examples, epochs * math.ceil(num_examples / batch_size)
 
 
 _TRAINERS: dict[tuple[ModelSpec, TrainSettings], LocalTrainer] = {}
