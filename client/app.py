@@ -16,10 +16,12 @@ load_tensorflow()  # flwr imports TensorFlow itself; load it first, quietly and 
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 
 from shared.ledger import PrivacyLedger, ledger_path
 from shared.privacy import BUDGET_EXHAUSTED, BudgetExhausted
-from shared.setup import decode_setup
+from shared.setup import UNIT_WEIGHT, decode_setup
 from shared.task import evaluate_client, train_client
 
 app = ClientApp()
@@ -42,7 +44,22 @@ def _state_dir(config_state_dir: str, context: Context) -> str:
     return state_dir
 
 
-@app.train()
+def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's client-side clipping mod for the run's ``client-dp`` mode, and nothing otherwise.
+
+    Client-side clipping is chosen per run (run config), not per deployment, so the mod is picked from
+    the message: Flower's DP wrapper sends its clipping norm with each train message.
+    """
+    config = msg.content.config_records.get("config")
+    mode = str(config.get("client-dp", "none")) if config is not None else "none"
+    if mode == "client-fixed":
+        return fixedclipping_mod(msg, context, call_next)
+    if mode == "client-adaptive":
+        return adaptiveclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[client_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     config, spec, scaler = decode_setup(dict(msg.content["config"]))
     client_id = _client_id(context)
@@ -62,12 +79,18 @@ def train(msg: Message, context: Context) -> Message:
             )
     except BudgetExhausted as exhausted:
         return Message(error=Error(code=BUDGET_EXHAUSTED, reason=str(exhausted)), reply_to=msg)
-    metrics = {"train-loss": outcome.train_loss, "num-examples": outcome.num_examples, "client-id": client_id}
+    metrics = {
+        "train-loss": outcome.train_loss,
+        "num-examples": outcome.num_examples,
+        "client-id": client_id,
+        UNIT_WEIGHT: 1.0,  # the weight client-level DP aggregates by: every client counts the same
+    }
     if outcome.event is not None and outcome.epsilon is not None:
         metrics |= {
             "epsilon": outcome.epsilon,
             "steps": outcome.event.steps,
             "sampling-probability": outcome.event.sampling_probability,
+            "noise-multiplier": outcome.event.noise_multiplier,
         }
     content = RecordDict({"arrays": ArrayRecord(outcome.weights), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
@@ -78,5 +101,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     config, spec, scaler = decode_setup(dict(msg.content["config"]))
     client_id = _client_id(context)
     metrics = evaluate_client(config, spec, scaler, msg.content["arrays"].to_numpy_ndarrays(), client_id)
-    metrics["client-id"] = client_id
+    metrics |= {"client-id": client_id, UNIT_WEIGHT: 1.0}
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -111,7 +111,10 @@ def _simulate(args: argparse.Namespace) -> int:
         if p["budget"]["stopped_early"]:
             print(f"  stopped early: {p['budget']['stopped_early']}")
     else:
-        print("  privacy: no DP (noise-multiplier 0, no clipping): no privacy guarantee")
+        print("  privacy: no DP-SGD (noise-multiplier 0, no clipping): no sample-level guarantee")
+    client_level = p.get("client_level") or {}
+    if client_level.get("enabled"):
+        print(f"  client-level epsilon {client_level['epsilon']:.3f}; {client_level['statement']}")
     for name, auc in summary["comparison"].items():
         print(f"  {name}: ROC-AUC {auc:.4f}")
     print(f"  bundle: {out}/{summary['bundle']}   report: {out}/{summary['report']}")

@@ -18,7 +18,9 @@ import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
+from server import client_dp
 from server.strategy import RoundRecorder, TooFewClients, build_strategy
 from shared import pipeline
 from shared.config import FedaeConfig
@@ -90,10 +92,18 @@ def run_federation(grid: Grid, config: FedaeConfig, compare_baselines: bool = Fa
     except TooFewClients as reason:
         stopped_early = str(reason)
         logger.warning("%s", reason)
-    # Later rounds overwrite earlier ones: each client's latest figure is its cumulative epsilon.
-    per_client = {
-        cid: m.get("epsilon") for r in sorted(recorder.train) for cid, m in recorder.train[r].items()
-    }
+    except PrivacyBudgetExhausted as reason:
+        stopped_early = (
+            f"client-level budget: the next round would pass client-dp-target-epsilon "
+            f"{config.client_dp_target_epsilon:g} ({reason})"
+        )
+        logger.warning("ending the run early: %s", stopped_early)
+    record = privacy_record(recorder)
+    record.client_level = client_dp.client_level_section(strategy, config, setup.num_clients)
+    if config.client_dp_enabled:
+        logger.info(
+            "client-level epsilon %.4f: %s", record.client_level["epsilon"], record.client_level["statement"]
+        )
     if best["round"] == 0 and stopped_early is not None:
         raise RuntimeError(f"no round trained before the run stopped ({stopped_early}); nothing exported")
     if best["round"] == 0:
@@ -111,12 +121,25 @@ def run_federation(grid: Grid, config: FedaeConfig, compare_baselines: bool = Fa
         setup,
         best["weights"],
         rounds,
-        per_client,
+        record,
         started,
         compare=compare_baselines,
         best_round=best["round"],
         budget=budget,
     )
+
+
+def privacy_record(recorder: RoundRecorder) -> pipeline.PrivacyRecord:
+    """Each client's figures from what it reported, round by round (later rounds win for "latest")."""
+    record = pipeline.PrivacyRecord()
+    for server_round in sorted(recorder.train):
+        for cid, metrics in recorder.train[server_round].items():
+            record.per_client[cid] = metrics.get("epsilon")
+            if "epsilon" in metrics:
+                record.per_client_rounds.setdefault(cid, {})[server_round] = metrics["epsilon"]
+            if "noise-multiplier" in metrics:
+                record.per_client_sigma[cid] = metrics["noise-multiplier"]
+    return record
 
 
 def _weighted(per_client: dict[int, dict[str, float]], key: str) -> float:

@@ -12,8 +12,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from server import client_dp
 from shared.config import FedaeConfig
 from shared.privacy import BUDGET_EXHAUSTED
+from shared.setup import UNIT_WEIGHT
 
 logger = logging.getLogger("fedae.server")
 
@@ -44,6 +46,8 @@ class RoundRecorder:
             "epsilon",
             "steps",
             "sampling-probability",
+            "noise-multiplier",
+            UNIT_WEIGHT,
         }:
             values = [(float(m[key]), float(m[weight_key])) for m in rows if key in m]
             summary[key] = sum(v * w for v, w in values) / (sum(w for _, w in values) or total)
@@ -65,8 +69,12 @@ class RoundRecorder:
 
 
 def build_strategy(config: FedaeConfig, recorder: RoundRecorder, num_clients: int) -> Strategy:
-    """The configured Flower strategy, extended to drop clients whose privacy budget is spent."""
+    """The configured Flower strategy, extended to drop clients whose privacy budget is spent, and
+    wrapped in Flower's client-level DP wrapper when ``client-dp`` is on."""
     minimum = min(config.min_available_clients, num_clients)
+    if config.client_dp_enabled:
+        # The noise is calibrated to a fixed number of clients per round: sample exactly that many.
+        minimum = client_dp.num_sampled_clients(config, num_clients)
     common = dict(
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
@@ -81,8 +89,17 @@ def build_strategy(config: FedaeConfig, recorder: RoundRecorder, num_clients: in
         base, extra = FedAdam, {"eta": config.server_learning_rate, "eta_l": config.learning_rate}
     elif config.strategy == "fedprox":
         base, extra = FedProx, {"proximal_mu": config.proximal_mu}
-    cls = type(f"BudgetAware{base.__name__}", (ExcludeExhausted, base), {"min_clients": minimum})
-    return cls(**common, **extra)
+    if not config.client_dp_enabled:
+        cls = type(f"BudgetAware{base.__name__}", (ExcludeExhausted, base), {"min_clients": minimum})
+        return cls(**common, **extra)
+    # Flower's accounted wrappers need the inner strategy's own FedAvg aggregation, equally weighted:
+    # the budget filter goes around the wrapper instead, and every client reports weight 1.
+    inner = base(**common, **extra, weighted_by_key=UNIT_WEIGHT)
+    wrapper = client_dp.wrapper_class(config)
+    cls = type(f"BudgetAware{wrapper.__name__}", (ExcludeExhausted, wrapper), {"min_clients": minimum})
+    strategy = cls(inner, **client_dp.wrapper_arguments(config, num_clients))
+    client_dp.attach_accountant(strategy, config, num_clients)
+    return strategy
 
 
 class TooFewClients(RuntimeError):

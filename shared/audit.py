@@ -101,7 +101,7 @@ def audit_run(run_dir: str | Path) -> dict[str, Any]:
     matches = all(r.reported is not None and math.isclose(r.epsilon, r.reported, rel_tol=1e-6) for r in rows)
     return {
         "run_dir": str(run_dir),
-        "statement": describe(delta, accountant),
+        "statement": describe(delta, accountant, str(config.get("sampling", "poisson"))),
         "delta": delta,
         "accountant": accountant.upper(),
         "clients": [asdict(r) for r in rows],

@@ -4,6 +4,8 @@ simulation, where one process can see every client), and scikit-learn's Isolatio
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
@@ -27,9 +29,7 @@ def central_autoencoder_auc(
     the run's anomaly score, fitted on the same calibration rows as the federated detector's."""
     from shared.pipeline import fit_and_score
 
-    plain = TrainSettings(
-        settings.batch_size, settings.learning_rate, 0.0, 0.0, settings.denoise_stddev, settings.input_range
-    )
+    plain = dataclasses.replace(settings, l2_norm_clip=0.0)
     trainer = LocalTrainer(spec, plain)
     trainer.fit(x_train, epochs=epochs, seed=config.seed)
     _, _, scores = fit_and_score(config, trainer.model, spec, x_calibration, x_test)

@@ -21,6 +21,9 @@ ACCOUNTANTS = ("rdp", "pld")
 THRESHOLD_RULES = ("percentile", "mean-k-sigma")
 PARTITIONS = ("natural", "iid", "dirichlet")
 SCORE_RULES = ("mse", "standardized", "max-standardized")  # shared.scoring.SCORE_RULES, checked by a test
+SAMPLINGS = ("poisson", "shuffle")  # shared.training.SAMPLINGS, checked by a test
+CLIENT_DP = ("none", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
+AUTO = "auto"
 
 
 class ConfigError(ValueError):
@@ -49,11 +52,16 @@ class FedaeConfig:
     local_epochs: int = 1
     batch_size: int = 64
     learning_rate: float = 0.001
-    noise_multiplier: float = 1.5
+    noise_multiplier: float | str = 1.5  # or "auto": calibrated per client from target-epsilon
     l2_norm_clip: float = 0.25
+    sampling: str = "poisson"
     delta: float = 1e-5
     target_epsilon: float = 3.0
     accountant: str = "rdp"
+    client_dp: str = "none"
+    client_dp_noise_multiplier: float = 1.0
+    client_dp_clip: float = 1.0
+    client_dp_target_epsilon: float = 0.0
     denoise_stddev: float = 0.0
     anomaly_score: str = "max-standardized"
     threshold_rule: str = "percentile"
@@ -108,6 +116,15 @@ class FedaeConfig:
         return not (self.noise_multiplier == 0.0 and self.l2_norm_clip == 0.0)
 
     @property
+    def auto_noise(self) -> bool:
+        """noise-multiplier "auto": each client calibrates sigma to its budget and data size."""
+        return self.noise_multiplier == AUTO
+
+    @property
+    def client_dp_enabled(self) -> bool:
+        return self.client_dp != "none"
+
+    @property
     def normal_class_list(self) -> list[int]:
         if not self.normal_classes.strip():
             return [0]
@@ -128,6 +145,8 @@ class FedaeConfig:
         _choice("threshold-rule", self.threshold_rule, THRESHOLD_RULES)
         _choice("anomaly-score", self.anomaly_score, SCORE_RULES)
         _choice("partition", self.partition, PARTITIONS)
+        _choice("sampling", self.sampling, SAMPLINGS)
+        _choice("client-dp", self.client_dp, CLIENT_DP)
         for name in ("num_server_rounds", "latent_dim", "local_epochs", "batch_size", "num_clients"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_key(name)} must be >= 1, got {getattr(self, name)}")
@@ -141,8 +160,19 @@ class FedaeConfig:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{_key(name)} must be a positive number, got {value}")
+        if isinstance(self.noise_multiplier, str) and not self.auto_noise:
+            raise ConfigError(
+                f"noise-multiplier must be a number >= 0 or 'auto', got {self.noise_multiplier!r}"
+            )
+        if self.auto_noise and not (self.target_epsilon > 0 and self.l2_norm_clip > 0):
+            raise ConfigError(
+                "noise-multiplier 'auto' calibrates the noise to target-epsilon: set target-epsilon > 0 "
+                f"(got {self.target_epsilon:g}) and l2-norm-clip > 0 (got {self.l2_norm_clip:g})"
+            )
         for name in (
-            "noise_multiplier",
+            *(() if self.auto_noise else ("noise_multiplier",)),
+            "client_dp_noise_multiplier",
+            "client_dp_target_epsilon",
             "l2_norm_clip",
             "denoise_stddev",
             "proximal_mu",
@@ -152,7 +182,9 @@ class FedaeConfig:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{_key(name)} must be >= 0, got {value}")
-        if self.noise_multiplier > 0 and self.l2_norm_clip == 0:
+        if self.client_dp_clip <= 0 or not math.isfinite(self.client_dp_clip):
+            raise ConfigError(f"client-dp-clip must be a positive number, got {self.client_dp_clip}")
+        if not self.auto_noise and self.noise_multiplier > 0 and self.l2_norm_clip == 0:  # type: ignore[operator]
             raise ConfigError(
                 "noise-multiplier > 0 needs a clipping norm: set l2-norm-clip > 0 "
                 "(noise is calibrated to the clipping norm)"
@@ -171,7 +203,24 @@ class FedaeConfig:
             raise ConfigError("scenario 'files' needs data-dir (one CSV/Parquet/NPZ file per site)")
         if self.model == "conv" and self.scenario in ("fleet", "wdbc"):
             raise ConfigError(f"model 'conv' needs image data; scenario {self.scenario!r} is tabular")
+        check_combinations(self)
         self.normal_class_list  # noqa: B018 - validates the list syntax
+
+
+def check_combinations(config: FedaeConfig) -> None:
+    """Refuse, at start, option combinations that would break a guarantee or cannot work."""
+    if config.client_dp_enabled:
+        if config.strategy == "fedadam":
+            raise ConfigError(
+                "client-dp needs FedAvg-style aggregation (strategy fedavg or fedprox): Flower's "
+                "client-level accountant covers only a plain, uniformly weighted mean of clipped "
+                "updates, and FedAdam replaces that mean with its own server optimiser step"
+            )
+        if config.client_dp_noise_multiplier <= 0:
+            raise ConfigError(
+                "client-dp needs client-dp-noise-multiplier > 0: clipping alone gives no client-level "
+                "guarantee, and Flower's accountant refuses a noiseless release"
+            )
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -181,6 +230,10 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Convert a run-config value to the field's type; TOML and CLI strings both arrive here."""
+    if str(annotation) == "float | str":  # a number, or the one word the field allows ("auto")
+        if isinstance(value, str) and value.strip().lower() == AUTO:
+            return AUTO
+        annotation = "float"
     kind = {"int": int, "float": float, "str": str}.get(str(annotation), str)
     if kind is str:
         return str(value)

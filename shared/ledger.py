@@ -26,7 +26,7 @@ import numpy as np
 
 from shared.privacy import TrainingEvent
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: events.epochs (the shuffled-batch bound needs it); version-1 rows are Poisson
 LEDGER_FILE = "privacy-ledger.sqlite"
 
 _SCHEMA = """
@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS events (
     sampling_probability REAL NOT NULL CHECK (sampling_probability > 0 AND sampling_probability <= 1),
     steps INTEGER NOT NULL CHECK (steps >= 0),
     l2_norm_clip REAL NOT NULL CHECK (l2_norm_clip > 0),
-    sampling TEXT NOT NULL,
+    sampling TEXT NOT NULL CHECK (sampling IN ('poisson', 'shuffle')),
+    epochs INTEGER NOT NULL DEFAULT 1 CHECK (epochs >= 1),
     recorded_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_data ON events (dataset_fingerprint);
@@ -77,11 +78,18 @@ class LedgerEvent:
     steps: int
     l2_norm_clip: float
     sampling: str = "poisson"
+    epochs: int = 1
     recorded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def training_event(self) -> TrainingEvent:
         return TrainingEvent(
-            self.round, self.noise_multiplier, self.sampling_probability, self.steps, self.num_examples
+            self.round,
+            self.noise_multiplier,
+            self.sampling_probability,
+            self.steps,
+            self.num_examples,
+            self.sampling,
+            self.epochs,
         )
 
 
@@ -100,11 +108,16 @@ class PrivacyLedger:
             else:
                 uri = f"file:{self.path.resolve()}?mode=ro"
                 self._connection = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
-            self._check_existing()
+            version = self._check_existing()
+            self._version = version or SCHEMA_VERSION
             if create:
                 self._connection.execute("PRAGMA journal_mode=WAL")
                 self._connection.execute("PRAGMA synchronous=FULL")
                 with self._transaction():
+                    columns = {row[1] for row in self._connection.execute("PRAGMA table_info(events)")}
+                    if version == 1 and "epochs" not in columns:  # re-checked under the write lock
+                        self._upgrade_from_1()
+                    self._version = SCHEMA_VERSION
                     for statement in _SCHEMA.split(";"):
                         if statement.strip():
                             self._connection.execute(statement)
@@ -117,12 +130,15 @@ class PrivacyLedger:
                 f"{self.path}: not a readable privacy ledger ({err}); it was left untouched"
             ) from err
 
-    def _check_existing(self) -> None:
-        """Refuse, before writing anything, a file that is not (or no longer) a whole fedae ledger."""
+    def _check_existing(self) -> int | None:
+        """Refuse, before writing anything, a file that is not (or no longer) a whole fedae ledger.
+
+        Returns the existing schema version (None for a new, empty file).
+        """
         query = "SELECT name FROM sqlite_master WHERE type='table'"
         tables = {row[0] for row in self._connection.execute(query)} - {"sqlite_sequence"}
         if not tables:
-            return
+            return None
         if "meta" not in tables:
             raise LedgerError(
                 f"{self.path}: an SQLite file that is not a fedae privacy ledger (tables {sorted(tables)})"
@@ -130,11 +146,23 @@ class PrivacyLedger:
         if "events" not in tables:
             raise LedgerError(f"{self.path}: the ledger's events table is gone; refusing to start a new one")
         row = self._connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is not None and int(row[0]) > SCHEMA_VERSION:
+        version = SCHEMA_VERSION if row is None else int(row[0])
+        if version > SCHEMA_VERSION:
             raise LedgerError(
                 f"{self.path}: ledger schema version {row[0]} is newer than this fedae's ({SCHEMA_VERSION}); "
                 "upgrade fedae"
             )
+        return version
+
+    def _upgrade_from_1(self) -> None:
+        """Add the epochs column in place, inside the opening transaction: every event is kept, and a
+        crash leaves version 1 intact. Version-1 events are all Poisson, whose bound needs no epochs."""
+        self._connection.execute(
+            "ALTER TABLE events ADD COLUMN epochs INTEGER NOT NULL DEFAULT 1 CHECK (epochs >= 1)"
+        )
+        self._connection.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+        )
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -161,6 +189,8 @@ class PrivacyLedger:
 
     def events(self, dataset_fingerprint: str | None = None) -> list[LedgerEvent]:
         names = [f.name for f in LedgerEvent.__dataclass_fields__.values()]
+        if self._version == 1:  # opened read-only, not upgraded: its events are Poisson, epochs unused
+            names.remove("epochs")
         query = f"SELECT {', '.join(names)} FROM events"
         args: tuple[str, ...] = ()
         if dataset_fingerprint is not None:

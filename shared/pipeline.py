@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -68,17 +68,30 @@ def calibration_loss(setup: RunSetup, weights: list[np.ndarray]) -> float:
     return trainer.mean_loss(setup.scaler.transform(setup.data.x_calibration))
 
 
-def privacy_section(
-    config: FedaeConfig, per_client: dict[int, float | None], per_round_max: list[float | None]
-) -> dict[str, Any]:
+@dataclass
+class PrivacyRecord:
+    """What the server learnt about privacy during the run, for the summary."""
+
+    per_client: dict[int, float | None] = field(default_factory=dict)  # latest cumulative epsilon
+    per_round_max: list[float | None] = field(default_factory=list)  # worst client after each round
+    # Each client's cumulative epsilon after each round it trained in: {client: {round: epsilon}}.
+    per_client_rounds: dict[int, dict[int, float]] = field(default_factory=dict)
+    per_client_sigma: dict[int, float] = field(default_factory=dict)  # latest noise multiplier used
+    client_level: dict[str, Any] | None = None  # server.client_dp's figures; never mixed in here
+
+
+def privacy_section(config: FedaeConfig, record: PrivacyRecord) -> dict[str, Any]:
+    """The summary's privacy section: sample-level (DP-SGD, per client) and client-level (central DP
+    over clients) figures side by side, each with its own statement, never combined into one number."""
     dp = config.dp_enabled
+    per_client = record.per_client
     return {
         "dp": dp,
         "delta": config.delta if dp else None,
         "accountant": config.accountant.upper() if dp else None,
-        "sampling": privacy.SAMPLING if dp else None,
-        "neighbouring": privacy.NEIGHBOURING if dp else None,
-        "statement": privacy.describe(config.delta, config.accountant) if dp else "no DP",
+        "sampling": config.sampling if dp else None,
+        "neighbouring": privacy.NEIGHBOURING[config.sampling] if dp else None,
+        "statement": privacy.describe(config.delta, config.accountant, config.sampling) if dp else "no DP",
         "noise_multiplier": config.noise_multiplier,
         "l2_norm_clip": config.l2_norm_clip,
         "not_covered": (
@@ -94,8 +107,19 @@ def privacy_section(
             else None,
             "per_client": {str(k): (v if dp else None) for k, v in sorted(per_client.items())},
             # Worst client's cumulative epsilon after each round (None where no client reported one).
-            "per_round_max_epsilon": per_round_max if dp else None,
+            "per_round_max_epsilon": record.per_round_max if dp else None,
+            "per_client_over_rounds": {
+                str(c): {str(r): e for r, e in sorted(rounds.items())}
+                for c, rounds in sorted(record.per_client_rounds.items())
+            }
+            if dp
+            else None,
+            # With noise-multiplier "auto" each client calibrates its own sigma.
+            "noise_multiplier_per_client": {str(c): s for c, s in sorted(record.per_client_sigma.items())}
+            if dp
+            else None,
         },
+        "client_level": record.client_level or {"enabled": False},
     }
 
 
@@ -147,7 +171,7 @@ def finish(
     setup: RunSetup,
     weights: list[np.ndarray],
     rounds: list[dict[str, Any]],
-    per_client_epsilon: dict[int, float | None],
+    privacy_record: PrivacyRecord,
     started: float,
     compare: bool = True,
     best_round: int | None = None,
@@ -169,8 +193,8 @@ def finish(
     )
     detector_metrics = detection_metrics(test_scores, setup.data.y_test, threshold)
     rule = describe_rule(config.threshold_rule, config.threshold_percentile, config.threshold_k)
-    per_round_max = [r.get("max_epsilon") for r in rounds]
-    privacy_info = privacy_section(config, per_client_epsilon, per_round_max)
+    privacy_record.per_round_max = [r.get("max_epsilon") for r in rounds]
+    privacy_info = privacy_section(config, privacy_record)
     privacy_info["budget"] = budget or {
         "target_epsilon": config.target_epsilon or None,
         "exhausted_clients": [],

@@ -1,32 +1,49 @@
 """Sample-level privacy accounting for DP-SGD with dp-accounting (RDP or PLD).
 
-The guarantee is per client, for the add/remove-one-example neighbouring relation on that client's
-local data set, and *cumulative*: it composes every local DP-SGD step the client ran, over all rounds
-so far. Each step is a Poisson-subsampled Gaussian mechanism (sampling probability q, noise multiplier
-sigma), which is what ``shared.training`` actually does.
+The guarantee is per client, on that client's local data set, and *cumulative*: it composes every local
+DP-SGD step the client ran, over all rounds so far. What one training contributes depends on how its
+batches were drawn, which the ledger records with each event:
+
+- ``poisson`` (default): each step is a Poisson-subsampled Gaussian mechanism (sampling probability q,
+  noise multiplier sigma), for the add/remove-one-example neighbouring relation. This is what
+  ``shared.training`` does, so the amplification-by-sampling bound holds.
+- ``shuffle``: fixed-size batches from a per-epoch permutation. No bound with amplification by
+  sampling applies to that (shuffling is not Poisson sampling, and the gap is real: Chua et al. 2024,
+  "How Private are DP-SGD Implementations?"), so fedae claims none: with a fixed batch size the data set
+  size is public, the relation is replace-one-example, each epoch puts any one example in exactly one
+  batch, whose clipped sum then moves by at most 2C against noise sigma*C. Each epoch is therefore one
+  Gaussian mechanism with noise multiplier sigma/2, and the epochs compose. Valid, and much larger than
+  the Poisson figure for the same sigma.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import dp_accounting
 from dp_accounting import pld, rdp
 
-SAMPLING = "poisson"
-NEIGHBOURING = "add/remove one example"
+NEIGHBOURING = {"poisson": "add/remove one example", "shuffle": "replace one example"}
+SAMPLING_BOUND = {
+    "poisson": "Poisson sampling, subsampled Gaussian per step",
+    "shuffle": "shuffled fixed-size batches, no amplification: one Gaussian (sigma/2) per epoch",
+}
 
 
 @dataclass(frozen=True)
 class TrainingEvent:
-    """One local training of a client: ``steps`` Poisson-sampled Gaussian steps."""
+    """One local training of a client: ``steps`` noisy steps over ``epochs`` passes of its data."""
 
     round: int
     noise_multiplier: float
     sampling_probability: float
     steps: int
     num_examples: int
+    sampling: str = "poisson"
+    epochs: int = 1  # only the shuffle bound needs it (one Gaussian release per epoch)
 
     def __post_init__(self) -> None:
         if self.noise_multiplier <= 0:
@@ -37,12 +54,13 @@ class TrainingEvent:
             raise ValueError(f"sampling_probability must be in (0, 1], got {self.sampling_probability}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.sampling not in SAMPLING_BOUND:
+            raise ValueError(f"sampling must be one of {sorted(SAMPLING_BOUND)}, got {self.sampling!r}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
     def dp_event(self) -> dp_accounting.DpEvent:
-        step = dp_accounting.PoissonSampledDpEvent(
-            self.sampling_probability, dp_accounting.GaussianDpEvent(self.noise_multiplier)
-        )
-        return dp_accounting.SelfComposedDpEvent(step, self.steps)
+        return composed_event([self])
 
 
 def _accountant(name: str) -> dp_accounting.PrivacyAccountant:
@@ -62,8 +80,91 @@ def cumulative_epsilon(events: Iterable[TrainingEvent], delta: float, accountant
     if not events:
         return 0.0
     acc = _accountant(accountant)
-    acc.compose(dp_accounting.ComposedDpEvent([e.dp_event() for e in events]))
+    acc.compose(composed_event(events))
     return float(acc.get_epsilon(delta))
+
+
+def composed_event(events: Iterable[TrainingEvent]) -> dp_accounting.DpEvent:
+    """All ``events`` as one DpEvent, identical trainings grouped into one self-composition.
+
+    The same bound as composing them one by one; grouping lets the PLD accountant use one
+    self-convolution per distinct training instead of one convolution per round (minutes -> ms for a
+    long ledger, and calibration evaluates many candidate ledgers).
+    """
+    counts: Counter[TrainingEvent] = Counter(replace(e, round=0) for e in events)
+    parts = []
+    for event, count in counts.items():
+        if event.sampling == "shuffle":
+            epoch = dp_accounting.GaussianDpEvent(event.noise_multiplier / 2.0)
+            parts.append(dp_accounting.SelfComposedDpEvent(epoch, event.epochs * count if event.steps else 0))
+        else:
+            step = dp_accounting.PoissonSampledDpEvent(
+                event.sampling_probability, dp_accounting.GaussianDpEvent(event.noise_multiplier)
+            )
+            parts.append(dp_accounting.SelfComposedDpEvent(step, event.steps * count))
+    return dp_accounting.ComposedDpEvent(parts)
+
+
+# Calibration searches sigma in this range; above the top, training would be noise and nothing else.
+MAX_CALIBRATED_SIGMA = 100.0
+
+
+class CalibrationError(ValueError):
+    """No noise multiplier reaches the target epsilon with the planned training."""
+
+
+def calibrate_noise_multiplier(
+    history: list[TrainingEvent],
+    plan: Callable[[float], list[TrainingEvent]],
+    target_epsilon: float,
+    delta: float,
+    accountant: str = "rdp",
+) -> float:
+    """The smallest sigma whose planned events, after ``history``, keep epsilon within the target.
+
+    Like Opacus' ``make_private_with_epsilon``, but the target is the client's whole budget: what its
+    ledger already holds counts, and ``plan(sigma)`` lists every training still planned (all remaining
+    rounds of the run), so that spending the same sigma each round ends exactly at the target.
+    """
+    if not target_epsilon > 0:
+        raise CalibrationError(f"noise-multiplier 'auto' needs target-epsilon > 0, got {target_epsilon}")
+    spent = cumulative_epsilon(history, delta, accountant)
+    if spent >= target_epsilon:
+        raise CalibrationError(
+            f"the ledger already holds epsilon {spent:.4f} >= target-epsilon {target_epsilon:g} "
+            f"(delta {delta:g}): no budget left to calibrate for"
+        )
+
+    def event(sigma: float) -> dp_accounting.DpEvent:
+        return composed_event([*history, *plan(sigma)])
+
+    if cumulative_epsilon([*history, *plan(MAX_CALIBRATED_SIGMA)], delta, accountant) > target_epsilon:
+        raise CalibrationError(
+            f"even noise-multiplier {MAX_CALIBRATED_SIGMA:g} would exceed target-epsilon {target_epsilon:g} "
+            f"(delta {delta:g}) with the planned rounds and epochs; raise the target or train less"
+        )
+
+    def search(make: Callable[[], dp_accounting.PrivacyAccountant], bracket: Any, tol: float) -> float:
+        return float(
+            dp_accounting.calibrate_dp_mechanism(make, event, target_epsilon, delta, bracket, tol=tol)
+        )
+
+    start = dp_accounting.LowerEndpointAndGuess(0.05, 1.0)
+    if accountant == "pld":
+        # A fine PLD grid is slow for the small sigmas a search visits; coarse grids are still valid
+        # (pessimistic) bounds. Bracket with a coarse grid, refine near it, verify with the real one.
+        coarse = search(lambda: pld.PLDAccountant(value_discretization_interval=1e-2), start, 1e-3)
+        try:
+            bracket = dp_accounting.ExplicitBracketInterval(0.9 * coarse, coarse)
+            sigma = search(lambda: pld.PLDAccountant(value_discretization_interval=1e-3), bracket, 1e-4)
+        except ValueError:  # no crossing inside the bracket: keep the coarse figure, verified below
+            sigma = coarse
+    else:
+        sigma = search(lambda: _accountant(accountant), start, 1e-4)
+    # Brent's method stops within tol of the crossing, on either side: step up until the bound holds.
+    while cumulative_epsilon([*history, *plan(sigma)], delta, accountant) > target_epsilon:
+        sigma *= 1.0 + 1e-4
+    return sigma
 
 
 BUDGET_EXHAUSTED = 4201  # error code of a client's "budget exhausted" reply
@@ -72,10 +173,13 @@ BUDGET_EXHAUSTED = 4201  # error code of a client's "budget exhausted" reply
 class BudgetExhausted(Exception):
     """Training this round would take a client's cumulative epsilon past its budget."""
 
-    def __init__(self, client_id: int, current: float, projected: float, budget: float, delta: float) -> None:
+    def __init__(
+        self, client_id: int, current: float, projected: float, budget: float, delta: float, why: str = ""
+    ) -> None:
+        because = why or f"this round would take it to {projected:.4f}, above its target-epsilon {budget:g}"
         super().__init__(
-            f"budget exhausted: client-id={client_id} is at epsilon {current:.4f} and this round would take "
-            f"it to {projected:.4f}, above its target-epsilon {budget:g} (delta {delta:g}); it does not train"
+            f"budget exhausted: client-id={client_id} is at epsilon {current:.4f} (delta {delta:g}) and "
+            f"{because}; it does not train"
         )
         self.client_id, self.current, self.projected, self.budget = client_id, current, projected, budget
 
@@ -89,9 +193,9 @@ def check_delta(delta: float, num_examples: int) -> None:
         )
 
 
-def describe(delta: float, accountant: str) -> str:
-    """The words every printed epsilon carries."""
+def describe(delta: float, accountant: str, sampling: str = "poisson") -> str:
+    """The words every printed sample-level epsilon carries."""
     return (
-        f"sample-level ({NEIGHBOURING}), per client, cumulative over all rounds, delta={delta:g}, "
-        f"{accountant.upper()} accountant, {SAMPLING} sampling"
+        f"sample-level ({NEIGHBOURING[sampling]}), per client, cumulative over all rounds, delta={delta:g}, "
+        f"{accountant.upper()} accountant, {SAMPLING_BOUND[sampling]}"
     )

@@ -55,20 +55,7 @@ def write_plots(
     ax.legend()
     names.append(_save(fig, out_dir / "loss.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    per_round = summary["privacy"]["sample_level"]["per_round_max_epsilon"] or []
-    points = [(r, eps) for r, eps in zip(xs, per_round, strict=False) if eps is not None]
-    if points:
-        ax.plot([r for r, _ in points], [eps for _, eps in points], marker="o")
-        ax.set(
-            title=f"Worst client's cumulative epsilon (delta={summary['privacy']['delta']:g}, "
-            f"{summary['privacy']['accountant']})"
-        )
-    else:
-        ax.text(0.5, 0.5, "no DP: no privacy guarantee", ha="center", va="center")
-        ax.set(title="Epsilon per round")
-    ax.set(xlabel="round", ylabel="epsilon")
-    names.append(_save(fig, out_dir / "epsilon.png"))
+    names.append(_save(_epsilon_figure(summary, plt), out_dir / "epsilon.png"))
 
     fig, ax = plt.subplots(figsize=(5, 5))
     fpr, tpr, _ = roc_curve(y_test, test_scores)
@@ -92,6 +79,32 @@ def write_plots(
     ax.legend()
     names.append(_save(fig, out_dir / "errors.png"))
     return names
+
+
+def _epsilon_figure(summary: dict[str, Any], plt: Any) -> Any:
+    """Each client's cumulative sample-level epsilon after each round it trained in, one line per
+    client, with its budget. Client-level epsilon answers another question and is never drawn here."""
+    p = summary["privacy"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    per_client = (p["sample_level"].get("per_client_over_rounds") or {}) if p["dp"] else {}
+    if per_client:
+        for client, rounds in sorted(per_client.items(), key=lambda kv: int(kv[0])):
+            xs = [int(r) for r in rounds]
+            ax.plot(xs, list(rounds.values()), marker="o", markersize=3, label=f"client {client}")
+        budget = (p.get("budget") or {}).get("target_epsilon")
+        if budget:
+            ax.axhline(budget, color="k", linestyle="--", linewidth=0.8, label="target-epsilon")
+        ax.set(
+            title=f"Sample-level epsilon per client (delta={p['delta']:g}, {p['accountant']}, "
+            f"{p['sampling']})"
+        )
+        if len(per_client) <= 12:
+            ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no DP-SGD: no sample-level guarantee", ha="center", va="center")
+        ax.set(title="Sample-level epsilon per client")
+    ax.set(xlabel="round", ylabel="cumulative epsilon")
+    return fig
 
 
 def _save(fig: Any, path: Path) -> str:
@@ -119,6 +132,21 @@ def _budget_line(budget: dict[str, Any]) -> str:
     return line
 
 
+def _client_level_lines(client_level: dict[str, Any]) -> list[str]:
+    """Client-level DP in its own paragraph: a different neighbouring relation, never mixed in."""
+    if not client_level.get("enabled"):
+        return ["Client-level DP: off (a whole site's contribution is not protected as a unit)."]
+    return [
+        "### Client-level DP",
+        "",
+        f"epsilon = {_fmt(client_level['epsilon'], 3)}: {client_level['statement']}.",
+        f"Noise multiplier {client_level['noise_multiplier']:g}, clipping norm {client_level['clip']:g} "
+        f"(final {client_level['final_clip']:.4g}), {client_level['clients_per_round']} of "
+        f"{client_level['population']} clients per round. This figure is about one whole client; the "
+        "sample-level figures above are about one example of a client's data.",
+    ]
+
+
 def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Path:
     p, d = summary["privacy"], summary["detector"]
     lines = [
@@ -132,6 +160,7 @@ def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Pa
         "## Privacy",
         "",
     ]
+    sigmas = (p["sample_level"].get("noise_multiplier_per_client") or {}) if p["dp"] else {}
     if p["dp"]:
         lines += [
             f"DP-SGD on every client. {p['statement']}.",
@@ -139,15 +168,25 @@ def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Pa
             f"- worst client: epsilon = {_fmt(p['sample_level']['max_epsilon'], 3)}",
             *[
                 f"- client {cid}: epsilon = {_fmt(eps, 3)}"
+                + (f", noise multiplier {sigmas[cid]:.4g}" if cid in sigmas else "")
                 for cid, eps in sorted(p["sample_level"]["per_client"].items(), key=lambda kv: int(kv[0]))
             ],
+            *(
+                [
+                    "",
+                    "noise-multiplier `auto`: each client calibrated sigma to its own budget and data size.",
+                ]
+                if p["noise_multiplier"] == "auto"
+                else []
+            ),
             "",
             f"Not covered: {p['not_covered']}",
             "",
             _budget_line(p.get("budget") or {}),
         ]
     else:
-        lines += ["**no DP**: noise multiplier 0 and no clipping. This run has no privacy guarantee."]
+        lines += ["**no DP-SGD**: noise multiplier 0 and no clipping: no sample-level guarantee."]
+    lines += ["", *_client_level_lines(p.get("client_level") or {})]
     lines += [
         "",
         "## Detector",

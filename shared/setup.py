@@ -14,6 +14,9 @@ from shared.data.sources import DataSpec
 from shared.preprocess import Scaler
 
 _PREFIX = "fedae."
+# Train-reply metric every client sets to 1.0: client-level DP aggregates by it, so that each client
+# weighs the same (Flower's accountant covers only the uniformly weighted mean).
+UNIT_WEIGHT = "dp-weight"
 
 
 def encode_setup(config: FedaeConfig, spec: DataSpec, scaler: Scaler) -> dict[str, Any]:
@@ -32,7 +35,9 @@ def encode_setup(config: FedaeConfig, spec: DataSpec, scaler: Scaler) -> dict[st
 
 def decode_setup(values: Mapping[str, Any]) -> tuple[FedaeConfig, DataSpec, Scaler]:
     values = dict(values)
-    run_config = {k: v for k, v in values.items() if not k.startswith(_PREFIX) and k != "server-round"}
+    # Besides fedae's own keys, Flower adds the round number and its DP wrappers' clipping norm.
+    flower_keys = {"server-round", "clipping_norm"}
+    run_config = {k: v for k, v in values.items() if not k.startswith(_PREFIX) and k not in flower_keys}
     config = FedaeConfig.from_run_config(run_config)
     shape = tuple(int(v) for v in values[f"{_PREFIX}input-shape"])
     names = tuple(n for n in values[f"{_PREFIX}feature-names"] if n)

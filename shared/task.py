@@ -31,11 +31,40 @@ def train_settings(config: FedaeConfig, spec: DataSpec) -> TrainSettings:
     return TrainSettings(
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
-        noise_multiplier=config.noise_multiplier,
         l2_norm_clip=config.l2_norm_clip,
         denoise_stddev=config.denoise_stddev,
         input_range=(0.0, 1.0) if spec.kind == "image" else None,
+        sampling=config.sampling,
     )
+
+
+def planned_event(
+    config: FedaeConfig, num_examples: int, server_round: int, sigma: float
+) -> privacy.TrainingEvent:
+    """The privacy event one local training of this config will be, known before it runs."""
+    q, steps = sampling_plan(num_examples, config.batch_size, config.local_epochs, config.sampling)
+    return privacy.TrainingEvent(
+        server_round, sigma, q, steps, num_examples, config.sampling, config.local_epochs
+    )
+
+
+def noise_multiplier_for(
+    config: FedaeConfig,
+    num_examples: int,
+    server_round: int,
+    history: list[privacy.TrainingEvent],
+    target_epsilon: float,
+) -> float:
+    """The configured sigma, or with "auto" the smallest one that keeps this client within its budget
+    if it trains in this and every remaining round of the run (history included)."""
+    if not config.auto_noise:
+        return float(config.noise_multiplier)
+    remaining = max(1, config.num_server_rounds - server_round + 1)
+
+    def plan(sigma: float) -> list[privacy.TrainingEvent]:
+        return [planned_event(config, num_examples, server_round + i, sigma) for i in range(remaining)]
+
+    return privacy.calibrate_noise_multiplier(history, plan, target_epsilon, config.delta, config.accountant)
 
 
 def make_scaler(config: FedaeConfig, spec: DataSpec, x_calibration: np.ndarray) -> Scaler:
@@ -101,6 +130,7 @@ def train_client(
     """
     data = client_data(config, client_id)
     target_epsilon = config.target_epsilon if target_epsilon is None else target_epsilon
+    sigma = 0.0
     if config.dp_enabled:
         privacy.check_delta(config.delta, data.num_examples)
         # Every event in this client's ledger counts, whatever data it was on: a re-split, re-seeded or
@@ -108,13 +138,23 @@ def train_client(
         # zero would under-report. The fingerprint is kept with each event for the audit trail.
         history = [e.training_event() for e in ledger.events()]
         fingerprint = dataset_fingerprint(data.x_train)
+        if config.auto_noise:
+            try:
+                sigma = noise_multiplier_for(config, data.num_examples, server_round, history, target_epsilon)
+            except privacy.CalibrationError as err:
+                current = privacy.cumulative_epsilon(history, config.delta, config.accountant)
+                raise privacy.BudgetExhausted(
+                    client_id, current, float("inf"), target_epsilon, config.delta, str(err)
+                ) from err
+            logger.debug(
+                "client %d round %d: calibrated noise multiplier %.4f", client_id, server_round, sigma
+            )
+        else:
+            sigma = float(config.noise_multiplier)
         if target_epsilon > 0:
             # The round's sampling rate and step count are known before training: check the epsilon
             # the client would have afterwards, and refuse to spend past the budget.
-            q, steps = sampling_plan(data.num_examples, config.batch_size, config.local_epochs)
-            planned = privacy.TrainingEvent(
-                server_round, config.noise_multiplier, q, steps, data.num_examples
-            )
+            planned = planned_event(config, data.num_examples, server_round, sigma)
             projected = privacy.cumulative_epsilon([*history, planned], config.delta, config.accountant)
             if projected > target_epsilon:
                 current = privacy.cumulative_epsilon(history, config.delta, config.accountant)
@@ -122,7 +162,9 @@ def train_client(
     trainer = trainer_for(config, spec, scaler)
     trainer.set_weights(weights)
     mu = config.proximal_mu if config.strategy == "fedprox" else 0.0
-    result = trainer.fit(scaler.transform(data.x_train), epochs=config.local_epochs, proximal_mu=mu)
+    result = trainer.fit(
+        scaler.transform(data.x_train), epochs=config.local_epochs, noise_multiplier=sigma, proximal_mu=mu
+    )
     event = epsilon = None
     if config.dp_enabled:
         recorded = LedgerEvent(
@@ -130,10 +172,12 @@ def train_client(
             server_round,
             fingerprint,
             result.num_examples,
-            config.noise_multiplier,
+            result.noise_multiplier,
             result.sampling_probability,
             result.steps,
             config.l2_norm_clip,
+            result.sampling,
+            result.epochs,
         )
         ledger.record(recorded)
         event = recorded.training_event()

@@ -1,12 +1,17 @@
 """Local training with DP-SGD, the only module that imports tensorflow-privacy.
 
-DP-SGD here follows Abadi et al. (2016) with Poisson sampling, the sampling the accountant assumes:
+DP-SGD here follows Abadi et al. (2016). With ``sampling = "poisson"`` (the default), each step is the
+Poisson-subsampled Gaussian mechanism the accountant assumes:
 
 1. each step includes every local example independently with probability ``q = batch-size / n``;
 2. each included example's gradient is clipped to L2 norm ``l2-norm-clip`` (C);
 3. Gaussian noise N(0, (noise-multiplier * C)^2) is added to the *sum* of clipped gradients;
 4. the sum is divided by the *expected* batch size ``q * n``, not the sampled one: the sampled size is
    itself data-dependent and dividing by it would leak it (as Opacus does for Poisson sampling).
+
+With ``sampling = "shuffle"`` each epoch is a fresh random permutation cut into ``floor(n / B)`` batches
+of exactly B examples (the remainder sits the epoch out), steps 2-3 are the same, and the sum is divided
+by B. ``shared.privacy`` accounts that differently (no amplification by sampling, see there).
 
 Per-example gradient norms come from tensorflow-privacy's fast ("ghost") clipping
 (``clip_grads.compute_gradient_norms`` with its layer registry) when every trainable layer is
@@ -41,7 +46,8 @@ from tensorflow_privacy.privacy.fast_gradient_clipping import (
 from shared.data.errors import TrainingDataError
 from shared.models import ModelSpec, build_model, per_example_loss
 
-__all__ = ["FitResult", "LocalTrainer", "TrainSettings", "TrainingDataError", "get_trainer"]
+SAMPLINGS = ("poisson", "shuffle")
+__all__ = ["SAMPLINGS", "FitResult", "LocalTrainer", "TrainSettings", "TrainingDataError", "get_trainer"]
 logger = logging.getLogger(f"fedae.{__name__}")
 
 
@@ -51,14 +57,18 @@ class TrainSettings:
 
     batch_size: int
     learning_rate: float
-    noise_multiplier: float
-    l2_norm_clip: float
+    l2_norm_clip: float  # 0: plain (non-private) training
     denoise_stddev: float = 0.0
     input_range: tuple[float, float] | None = None  # clamp noisy inputs (images) to this range
+    sampling: str = "poisson"  # or "shuffle": fixed-size batches from a per-epoch permutation
+
+    def __post_init__(self) -> None:
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
 
     @property
     def dp(self) -> bool:
-        return self.noise_multiplier > 0 or self.l2_norm_clip > 0
+        return self.l2_norm_clip > 0
 
 
 @dataclass(frozen=True)
@@ -67,17 +77,19 @@ class FitResult:
 
     loss: float  # mean per-example training loss (unclipped), over examples seen
     steps: int
-    sampling_probability: float
+    sampling_probability: float  # Poisson: q; shuffle: the batch fraction B / n
     num_examples: int
     epochs: int
+    noise_multiplier: float
+    sampling: str
 
 
 class LocalTrainer:
     """A model plus compiled DP-SGD (or plain) training steps for one model spec and settings."""
 
     def __init__(self, spec: ModelSpec, settings: TrainSettings) -> None:
-        if settings.dp and settings.l2_norm_clip <= 0:
-            raise ValueError(f"DP-SGD needs l2_norm_clip > 0, got {settings.l2_norm_clip}")
+        if settings.l2_norm_clip < 0:
+            raise ValueError(f"l2_norm_clip must be >= 0 (0: no DP), got {settings.l2_norm_clip}")
         self.spec = spec
         self.settings = settings
         self.model = build_model(spec)
@@ -92,6 +104,9 @@ class LocalTrainer:
         b = settings.batch_size
         self.capacity = b + math.ceil(4.0 * math.sqrt(b)) + 1
         self.noise_generator = tf.random.Generator.from_seed(0)
+        # The noise multiplier is a variable, not a constant baked into the graph: with
+        # noise-multiplier "auto" every client calibrates its own, and one trainer serves them all.
+        self.noise_std = tf.Variable(0.0, trainable=False, dtype=tf.float32)
         # FedProx: mu/2 * ||w - w_global||^2 is added to the loss. Its gradient depends on the weights
         # only, not on any example, so it is added after clipping and noise at no privacy cost.
         self.proximal_mu = tf.Variable(0.0, trainable=False, dtype=tf.float32)
@@ -189,10 +204,9 @@ class LocalTrainer:
 
     def _apply_noisy_impl(self, grad_sum: list[tf.Tensor]) -> tf.Tensor:
         self.trace_count += 1
-        std = self.settings.noise_multiplier * self.settings.l2_norm_clip
         expected_batch = float(self.settings.batch_size)
         noisy = [
-            (g + self.noise_generator.normal(tf.shape(g), stddev=std)) / expected_batch for g in grad_sum
+            (g + self.noise_generator.normal(tf.shape(g)) * self.noise_std) / expected_batch for g in grad_sum
         ]
         self.optimizer.apply_gradients(
             zip(self._with_proximal(noisy), self.model.trainable_variables, strict=True)
@@ -220,10 +234,10 @@ class LocalTrainer:
         return tf.reduce_sum(losses * weights)
 
     # -- public ---------------------------------------------------------------------------------------
-    def dp_gradient(self, x: np.ndarray, indices: np.ndarray, noise: bool = True) -> list[np.ndarray]:
+    def dp_gradient(self, x: np.ndarray, indices: np.ndarray, noise_multiplier: float) -> list[np.ndarray]:
         """The privatised gradient DP-SGD would apply for the batch ``indices`` (for tests and audits)."""
         grad_sum = self._clipped_sum_for(tf.convert_to_tensor(x), indices)[0]
-        std = self.settings.noise_multiplier * self.settings.l2_norm_clip if noise else 0.0
+        std = noise_multiplier * self.settings.l2_norm_clip
         return [
             ((g + self.noise_generator.normal(tf.shape(g), stddev=std)) / self.settings.batch_size).numpy()
             for g in grad_sum
@@ -246,8 +260,17 @@ class LocalTrainer:
             loss_sum += float(loss)
         return total, loss_sum  # type: ignore[return-value]
 
-    def fit(self, x: np.ndarray, epochs: int, seed: int | None = None, proximal_mu: float = 0.0) -> FitResult:
+    def fit(
+        self,
+        x: np.ndarray,
+        epochs: int,
+        noise_multiplier: float = 0.0,
+        seed: int | None = None,
+        proximal_mu: float = 0.0,
+    ) -> FitResult:
         """Train on ``x`` (already scaled) for ``epochs`` local epochs from the current weights.
+
+        With DP (``l2_norm_clip > 0``) the noise is ``noise_multiplier * l2_norm_clip`` on each step's sum.
 
         ``seed`` fixes sampling and noise for reproducible tests; by default both come from the OS's
         entropy source, because DP noise that an attacker can regenerate from a known seed protects
@@ -267,14 +290,22 @@ class LocalTrainer:
         self.proximal_mu.assign(proximal_mu)
         for anchor, variable in zip(self.anchor, self.model.trainable_variables, strict=True):
             anchor.assign(variable)
+        if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+        self.noise_std.assign(noise_multiplier * self.settings.l2_norm_clip)
         x_all = tf.convert_to_tensor(x, dtype=tf.float32)
-        q, planned_steps = sampling_plan(n, b, epochs)
+        sampling = self.settings.sampling
+        q, planned_steps = sampling_plan(n, b, epochs, sampling)
         steps_per_epoch = planned_steps // epochs
         loss_sum, seen, steps = 0.0, 0, 0
         for _ in range(epochs):
             if self.settings.dp:
-                for _ in range(steps_per_epoch):
-                    indices = np.flatnonzero(rng.random(n) < q)
+                order = rng.permutation(n) if sampling == "shuffle" else None
+                for step in range(steps_per_epoch):
+                    if sampling == "poisson":
+                        indices = np.flatnonzero(rng.random(n) < q)
+                    else:
+                        indices = order[step * b : (step + 1) * b]  # type: ignore[index]
                     grads, batch_loss = self._clipped_sum_for(x_all, indices)
                     self._apply_noisy(grads)
                     loss_sum, seen, steps = loss_sum + batch_loss, seen + len(indices), steps + 1
@@ -290,6 +321,8 @@ class LocalTrainer:
             sampling_probability=q if self.settings.dp else 1.0,
             num_examples=n,
             epochs=epochs,
+            noise_multiplier=noise_multiplier if self.settings.dp else 0.0,
+            sampling=sampling,
         )
 
     def mean_loss(self, x: np.ndarray) -> float:
@@ -304,12 +337,18 @@ class LocalTrainer:
         )
 
 
-def sampling_plan(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
-    """DP-SGD's sampling probability and step count for a fit: q = B / n, epochs * ceil(n / B) steps.
+def sampling_plan(
+    num_examples: int, batch_size: int, epochs: int, sampling: str = "poisson"
+) -> tuple[float, int]:
+    """DP-SGD's sampling rate and step count for a fit: q = B / n, and epochs * ceil(n / B) Poisson
+    steps or epochs * floor(n / B) fixed-size shuffled batches.
 
     Known before training, so a client can check its budget against exactly what the fit will spend.
     """
-    return batch_size / num_examples, epochs * math.ceil(num_examples / batch_size)
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    per_epoch = math.ceil(num_examples / batch_size) if sampling == "poisson" else num_examples // batch_size
+    return batch_size / num_examples, epochs * per_epoch
 
 
 _TRAINERS: dict[tuple[ModelSpec, TrainSettings], LocalTrainer] = {}

@@ -15,6 +15,7 @@ import shared.tfenv  # noqa: F401  (import-time switches before TensorFlow: keep
 # isort: split
 
 import argparse
+import dataclasses
 
 import numpy as np
 from sklearn.decomposition import PCA
@@ -41,7 +42,7 @@ def one_class_aucs(model: str, epochs: int, seed: int = 0) -> list[tuple[int, fl
         )
         x_test = scaler.transform(server.x_test)
         settings = train_settings(config, server.spec)
-        plain = settings.__class__(**{**settings.__dict__, "noise_multiplier": 0.0, "l2_norm_clip": 0.0})
+        plain = dataclasses.replace(settings, l2_norm_clip=0.0)
         trainer = LocalTrainer(model_spec(config, server.spec, scaler), plain)
         trainer.fit(pool, epochs=epochs, seed=seed)
         ae_auc = roc_auc_score(server.y_test, reconstruction_errors(trainer.model, trainer.spec, x_test))

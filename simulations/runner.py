@@ -97,7 +97,8 @@ def simulate(
         config.num_server_rounds,
         config.scenario,
         config.model,
-        f"DP-SGD sigma={config.noise_multiplier:g} C={config.l2_norm_clip:g}"
+        f"DP-SGD sigma={config.noise_multiplier} C={config.l2_norm_clip:g} {config.sampling}"
+        + (f", client-level DP {config.client_dp}" if config.client_dp_enabled else "")
         if config.dp_enabled
         else "no DP",
         out_dir,

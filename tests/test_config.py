@@ -53,3 +53,34 @@ def test_no_dp_baseline_is_both_zero() -> None:
 def test_parse_key_values_rejects_tokens_without_equals() -> None:
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_key_values("rounds")
+
+
+def test_auto_noise_multiplier_parses_and_needs_a_budget() -> None:
+    config = FedaeConfig.from_run_config({"noise-multiplier": "auto"})
+    assert config.auto_noise and config.dp_enabled
+    with pytest.raises(ConfigError, match="'auto' calibrates the noise to target-epsilon"):
+        FedaeConfig.from_run_config({"noise-multiplier": "auto", "target-epsilon": 0})
+    with pytest.raises(ConfigError, match="noise-multiplier must be a number"):
+        FedaeConfig.from_run_config({"noise-multiplier": "lots"})
+
+
+def test_samplings_match_the_trainer() -> None:
+    from shared import config as config_module
+    from shared.training import SAMPLINGS
+
+    assert config_module.SAMPLINGS == SAMPLINGS
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"client-dp": "server-fixed", "strategy": "fedadam"}, "FedAvg-style aggregation"),
+        ({"client-dp": "client-fixed", "client-dp-noise-multiplier": 0}, "client-dp-noise-multiplier > 0"),
+        ({"client-dp": "server-sideways"}, "client-dp must be one of"),
+        ({"client-dp-clip": 0}, "client-dp-clip must be a positive number"),
+        ({"sampling": "sequential"}, "sampling must be one of"),
+    ],
+)
+def test_combinations_that_break_a_guarantee_are_refused(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        FedaeConfig.from_run_config(overrides)

@@ -185,3 +185,62 @@ def test_reading_a_ledger_writes_nothing(tmp_path) -> None:
                 ledger.record(event(2))
     finally:
         path.chmod(0o644)
+
+
+def test_a_version_1_ledger_is_upgraded_in_place_and_keeps_every_event(tmp_path) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as connection:  # the version-1 schema, as fedae 0.1 wrote it
+        connection.executescript(
+            """
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL,
+                round INTEGER NOT NULL, dataset_fingerprint TEXT NOT NULL, num_examples INTEGER NOT NULL,
+                noise_multiplier REAL NOT NULL, sampling_probability REAL NOT NULL, steps INTEGER NOT NULL,
+                l2_norm_clip REAL NOT NULL, sampling TEXT NOT NULL, recorded_at TEXT NOT NULL);
+            INSERT INTO meta VALUES ('schema_version', '1');
+            INSERT INTO events (run_id, round, dataset_fingerprint, num_examples, noise_multiplier,
+                sampling_probability, steps, l2_norm_clip, sampling, recorded_at)
+                VALUES ('old-run', 1, 'abc', 100, 1.5, 0.1, 10, 0.5, 'poisson', '2026-01-01T00:00:00');
+            """
+        )
+    with PrivacyLedger(path, create=False) as ledger:  # read-only: readable as it is
+        assert [e.run_id for e in ledger.events()] == ["old-run"]
+    with PrivacyLedger(path) as ledger:
+        ledger.record(event(2))
+        events = ledger.events()
+    assert [e.run_id for e in events] == ["old-run", "run-1"]
+    assert events[0].epochs == 1 and events[0].training_event().sampling == "poisson"
+    with sqlite3.connect(path) as connection:
+        version = connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+    assert version == "2"
+
+
+def test_shuffled_events_keep_their_sampling_and_epochs(tmp_path) -> None:
+    from dataclasses import replace
+
+    path = tmp_path / "l.sqlite"
+    shuffled = replace(event(1), sampling="shuffle", epochs=3)
+    with PrivacyLedger(path) as ledger:
+        ledger.record(shuffled)
+    with PrivacyLedger(path, create=False) as ledger:
+        (got,) = ledger.events()
+    assert got.training_event().sampling == "shuffle" and got.training_event().epochs == 3
+    assert cumulative_epsilon([got.training_event()], 1e-5) == pytest.approx(
+        cumulative_epsilon([shuffled.training_event()], 1e-5)
+    )
+    with pytest.raises(LedgerError, match="could not record"), PrivacyLedger(path) as ledger:
+        ledger.record(replace(event(2), sampling="sequential"))  # the schema's CHECK refuses it
+
+
+def test_auto_noise_spends_the_budget_evenly_and_ends_at_the_target(tmp_path) -> None:
+    from shared.task import train_client
+
+    config, spec, scaler, weights, _ = _wdbc_client(0, target_epsilon=2.0)
+    config = config.replace(noise_multiplier="auto", num_server_rounds=3)
+    with PrivacyLedger(ledger_path(tmp_path, 0)) as ledger:
+        outcomes = [train_client(config, spec, scaler, weights, 0, r, ledger, "run") for r in (1, 2, 3)]
+        events = ledger.events()
+    sigmas = [o.event.noise_multiplier for o in outcomes]
+    assert sigmas[0] == pytest.approx(sigmas[1], rel=1e-3) == pytest.approx(sigmas[2], rel=1e-3)
+    assert [e.noise_multiplier for e in events] == sigmas  # the ledger holds the sigma actually used
+    assert outcomes[-1].epsilon <= 2.0 and outcomes[-1].epsilon == pytest.approx(2.0, rel=0.01)

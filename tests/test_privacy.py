@@ -73,5 +73,80 @@ def test_delta_must_be_below_one_over_n() -> None:
 
 def test_every_statement_names_delta_accountant_sampling_and_scope() -> None:
     text = describe(1e-5, "rdp")
-    for words in ("delta=1e-05", "RDP", "poisson", "per client", "cumulative", "sample-level"):
+    for words in ("delta=1e-05", "RDP", "Poisson", "per client", "cumulative", "sample-level", "add/remove"):
         assert words in text
+    shuffled = describe(1e-5, "pld", "shuffle")
+    for words in ("delta=1e-05", "PLD", "shuffled", "no amplification", "replace one example"):
+        assert words in shuffled
+
+
+def _gaussian_epsilon(mu_inverse: float, delta: float) -> float:
+    """Exact epsilon of one Gaussian mechanism with noise multiplier s (Balle & Wang 2018, Thm 8)."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    s = mu_inverse
+
+    def gap(eps: float) -> float:
+        return norm.cdf(-eps * s + 1 / (2 * s)) - math.exp(eps) * norm.cdf(-eps * s - 1 / (2 * s)) - delta
+
+    return brentq(gap, 0.0, 100.0)
+
+
+@pytest.mark.parametrize(("sigma", "epochs"), [(1.0, 1), (2.0, 5), (4.0, 20)])
+def test_shuffled_batches_are_accounted_as_one_gaussian_per_epoch_at_half_the_noise(sigma, epochs) -> None:
+    # E compositions of a Gaussian with multiplier sigma/2 are one Gaussian with sigma / (2 sqrt(E)).
+    event = TrainingEvent(1, sigma, 64 / 1000, epochs * (1000 // 64), 1000, "shuffle", epochs)
+    exact = _gaussian_epsilon(sigma / (2 * math.sqrt(epochs)), 1e-5)
+    pld = cumulative_epsilon([event], 1e-5, "pld")
+    rdp = cumulative_epsilon([event], 1e-5, "rdp")
+    assert pld == pytest.approx(exact, rel=0.01)
+    assert rdp >= pld * (1 - 1e-3)
+
+
+def test_shuffled_bound_is_far_above_poisson_for_the_same_noise() -> None:
+    n, batch, sigma, epochs = 1000, 50, 1.5, 3
+    poisson = TrainingEvent(1, sigma, batch / n, epochs * math.ceil(n / batch), n)
+    shuffled = TrainingEvent(1, sigma, batch / n, epochs * (n // batch), n, "shuffle", epochs)
+    assert cumulative_epsilon([shuffled], 1e-5) > 5 * cumulative_epsilon([poisson], 1e-5)
+
+
+def test_unknown_sampling_is_refused() -> None:
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        TrainingEvent(1, 1.0, 0.1, 10, 100, "sequential")
+
+
+def _plan(n: int, batch: int, rounds: int, sampling: str = "poisson"):
+    per_epoch = math.ceil(n / batch) if sampling == "poisson" else n // batch
+    return lambda sigma: [
+        TrainingEvent(r, sigma, batch / n, per_epoch, n, sampling, 1) for r in range(1, rounds + 1)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("accountant", "sampling"), [("rdp", "poisson"), ("pld", "poisson"), ("rdp", "shuffle")]
+)
+def test_auto_noise_is_the_smallest_sigma_within_the_target(accountant, sampling) -> None:
+    from shared.privacy import calibrate_noise_multiplier
+
+    plan = _plan(600, 32, 10, sampling)
+    sigma = calibrate_noise_multiplier([], plan, 3.0, 1e-5, accountant)
+    assert cumulative_epsilon(plan(sigma), 1e-5, accountant) <= 3.0
+    # Within 0.5% of the crossing: a slightly smaller sigma would overspend.
+    assert cumulative_epsilon(plan(sigma * 0.995), 1e-5, accountant) > 3.0
+
+
+def test_auto_noise_counts_what_the_ledger_already_spent() -> None:
+    from shared.privacy import CalibrationError, calibrate_noise_multiplier
+
+    plan = _plan(600, 32, 5)
+    fresh = calibrate_noise_multiplier([], plan, 3.0, 1e-5)
+    history = _plan(600, 32, 5)(2.0)  # an earlier run on the same data
+    after = calibrate_noise_multiplier(history, plan, 3.0, 1e-5)
+    assert after > fresh
+    assert cumulative_epsilon([*history, *plan(after)], 1e-5) <= 3.0
+    spent = _plan(600, 32, 50)(0.6)
+    with pytest.raises(CalibrationError, match="no budget left"):
+        calibrate_noise_multiplier(spent, plan, 3.0, 1e-5)
+    with pytest.raises(CalibrationError, match="even noise-multiplier 100"):
+        calibrate_noise_multiplier([], _plan(600, 600, 100000), 0.01, 1e-5)

@@ -130,3 +130,63 @@ def test_clients_that_would_exceed_their_budget_stop_and_the_run_ends_cleanly(tm
     for client_id in (0, 1):
         with PrivacyLedger(ledger_path(tmp_path / "budget" / "state", client_id), create=False) as ledger:
             assert [e.round for e in ledger.events()] == [1]
+
+
+def _client_level_epsilon(z: float, releases: int, delta: float) -> float:
+    """Independent check with dp-accounting: ``releases`` Gaussian mechanisms, no amplification."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(z), releases)
+    return accountant.get_epsilon(delta)
+
+
+def test_client_level_dp_is_reported_beside_sample_level_and_its_budget_ends_the_run(tmp_path) -> None:
+    # Client-side fixed clipping (Flower's mod on each client) with Flower's accountant and a
+    # client-level budget that allows two released rounds out of three.
+    z, delta = 2.0, 1e-5
+    budget = (_client_level_epsilon(z, 2, delta) + _client_level_epsilon(z, 3, delta)) / 2
+    config = wdbc_config(
+        tmp_path / "cdp",
+        num_server_rounds=3,
+        noise_multiplier="auto",
+        target_epsilon=4.0,
+        client_dp="client-fixed",
+        client_dp_noise_multiplier=z,
+        client_dp_clip=0.5,
+        client_dp_target_epsilon=budget,
+    )
+    summary = simulate(config)
+
+    cl = summary["privacy"]["client_level"]
+    assert cl["enabled"] and cl["mode"] == "client-fixed" and cl["releases"] == 2
+    assert cl["epsilon"] == pytest.approx(_client_level_epsilon(z, 2, delta), rel=0.02)
+    assert cl["epsilon"] <= budget and "add/remove one client" in cl["statement"]
+    assert "client-dp-target-epsilon" in summary["privacy"]["budget"]["stopped_early"]
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    # Sample-level figures stay per client, with auto noise calibrated for all three planned rounds.
+    sample = summary["privacy"]["sample_level"]
+    assert set(sample["per_client"]) == {"0", "1"}
+    assert all(eps < 4.0 for eps in sample["per_client"].values())
+    assert sample["per_client_over_rounds"]["0"].keys() == {"1", "2"}
+    sigmas = sample["noise_multiplier_per_client"]
+    assert all(s > 0 for s in sigmas.values())
+    report = (tmp_path / "cdp" / "report.md").read_text()
+    assert "### Client-level DP" in report and "one whole client" in report
+
+
+def test_server_side_adaptive_clipping_is_accounted_like_fixed(tmp_path) -> None:
+    z = 1.5
+    config = wdbc_config(
+        tmp_path / "adaptive",
+        num_server_rounds=2,
+        client_dp="server-adaptive",
+        client_dp_noise_multiplier=z,
+        client_dp_clip=0.05,
+    )
+    summary = simulate(config)
+    cl = summary["privacy"]["client_level"]
+    assert cl["releases"] == 2
+    assert cl["epsilon"] == pytest.approx(_client_level_epsilon(z, 2, config.delta), rel=0.02)
+    assert cl["final_clip"] != pytest.approx(0.05)  # the clipping norm adapted

@@ -42,7 +42,7 @@ def test_fedprox_term_pulls_local_weights_towards_the_global_model(rng) -> None:
     x = rng.normal(size=(64, 6)).astype(np.float32)
 
     def drift(mu: float) -> float:
-        trainer = LocalTrainer(spec, TrainSettings(16, 0.05, 0.0, 0.0))
+        trainer = LocalTrainer(spec, TrainSettings(16, 0.05, 0.0))
         start = trainer.get_weights()
         trainer.fit(x, epochs=5, seed=0, proximal_mu=mu)
         return float(sum(np.sum((a - b) ** 2) for a, b in zip(trainer.get_weights(), start, strict=True)))

@@ -40,7 +40,7 @@ def test_clipped_sum_of_one_example_is_its_gradient_scaled_to_the_bound(spec: Mo
     # Prepare: a clip norm well below typical gradient norms, and one far above.
     x = _data(spec, 8, rng, scale=3.0)
     for clip in (1e-3, 1e6):
-        trainer = LocalTrainer(spec, TrainSettings(4, 1e-3, 1.0, clip))
+        trainer = LocalTrainer(spec, TrainSettings(4, 1e-3, clip))
         if spec.kind == "vae":
             # Decode the posterior mean (noise input 0) so the slow reference sees the same inputs;
             # in training both of fast clipping's passes share one noise draw.
@@ -58,14 +58,14 @@ def test_clipped_sum_of_one_example_is_its_gradient_scaled_to_the_bound(spec: Mo
 
 
 def test_fast_clipping_path_is_taken_for_dense_models_and_not_for_conv() -> None:
-    assert LocalTrainer(DENSE, TrainSettings(4, 1e-3, 1.0, 1.0)).fast_clipping
-    assert LocalTrainer(VAE, TrainSettings(4, 1e-3, 1.0, 1.0)).fast_clipping
-    assert not LocalTrainer(CONV, TrainSettings(4, 1e-3, 1.0, 1.0)).fast_clipping
+    assert LocalTrainer(DENSE, TrainSettings(4, 1e-3, 1.0)).fast_clipping
+    assert LocalTrainer(VAE, TrainSettings(4, 1e-3, 1.0)).fast_clipping
+    assert not LocalTrainer(CONV, TrainSettings(4, 1e-3, 1.0)).fast_clipping
 
 
 def test_every_example_in_a_batch_is_clipped_and_padding_adds_nothing(rng) -> None:
     x = _data(DENSE, 32, rng, scale=5.0)
-    trainer = LocalTrainer(DENSE, TrainSettings(8, 1e-3, 1.0, 0.01))
+    trainer = LocalTrainer(DENSE, TrainSettings(8, 1e-3, 0.01))
     idx = np.arange(10)
     summed = trainer._clipped_sum_for(tf.constant(x), idx)[0]
     # Each example contributes at most C, so the sum is at most 10 C (and equals the sum of the
@@ -79,11 +79,11 @@ def test_every_example_in_a_batch_is_clipped_and_padding_adds_nothing(rng) -> No
 
 def test_noise_has_standard_deviation_sigma_c_over_expected_batch(rng) -> None:
     sigma, clip, batch = 1.7, 0.5, 16
-    trainer = LocalTrainer(DENSE, TrainSettings(batch, 1e-3, sigma, clip))
+    trainer = LocalTrainer(DENSE, TrainSettings(batch, 1e-3, clip))
     x = _data(DENSE, 32, rng)
     # With no example in the batch the privatised gradient is pure noise / expected batch size.
     noise = np.concatenate(
-        [g.ravel() for _ in range(20) for g in trainer.dp_gradient(x, np.array([], dtype=int))]
+        [g.ravel() for _ in range(20) for g in trainer.dp_gradient(x, np.array([], dtype=int), sigma)]
     )
     expected = sigma * clip / batch
     # ~10^4 draws: the sample standard deviation is within 3% of the truth with overwhelming probability.
@@ -93,7 +93,7 @@ def test_noise_has_standard_deviation_sigma_c_over_expected_batch(rng) -> None:
 
 def test_poisson_batches_have_expected_size_q_n(rng) -> None:
     n, batch = 400, 40
-    trainer = LocalTrainer(DENSE, TrainSettings(batch, 1e-3, 1.0, 1.0))
+    trainer = LocalTrainer(DENSE, TrainSettings(batch, 1e-3, 1.0))
     sizes = []
     original = trainer._clipped_sum_for
 
@@ -102,7 +102,7 @@ def test_poisson_batches_have_expected_size_q_n(rng) -> None:
         return original(x_all, indices)
 
     trainer._clipped_sum_for = spy  # type: ignore[method-assign]
-    result = trainer.fit(_data(DENSE, n, rng), epochs=5, seed=3)
+    result = trainer.fit(_data(DENSE, n, rng), epochs=5, noise_multiplier=1.0, seed=3)
     assert result.steps == 5 * 10 and result.sampling_probability == pytest.approx(0.1)
     sizes = np.array(sizes)
     # Binomial(400, 0.1): mean 40, sd 6; variable sizes prove sampling is Poisson, not fixed batches.
@@ -112,8 +112,8 @@ def test_poisson_batches_have_expected_size_q_n(rng) -> None:
 
 def test_no_noise_and_huge_clip_matches_plain_training(rng) -> None:
     x = _data(DENSE, 16, rng)
-    dp = LocalTrainer(DENSE, TrainSettings(16, 1e-2, 0.0, 1e9))
-    plain = LocalTrainer(DENSE, TrainSettings(16, 1e-2, 0.0, 0.0))
+    dp = LocalTrainer(DENSE, TrainSettings(16, 1e-2, 1e9))
+    plain = LocalTrainer(DENSE, TrainSettings(16, 1e-2, 0.0))
     plain.set_weights(dp.get_weights())
     everything = np.arange(16)
     for _ in range(3):
@@ -124,27 +124,61 @@ def test_no_noise_and_huge_clip_matches_plain_training(rng) -> None:
 
 
 def test_training_reduces_loss_and_does_not_retrace_across_clients(rng) -> None:
-    trainer = LocalTrainer(DENSE, TrainSettings(16, 1e-2, 0.5, 1.0))
+    trainer = LocalTrainer(DENSE, TrainSettings(16, 1e-2, 1.0))
     x_a, x_b = _data(DENSE, 200, rng), _data(DENSE, 321, rng)
     before = trainer.mean_loss(x_a)
-    trainer.fit(x_a, epochs=3, seed=1)
+    trainer.fit(x_a, epochs=3, noise_multiplier=0.5, seed=1)
     traces = trainer.trace_count
     for data in (x_b, x_a, x_b):  # other clients (other sizes), other rounds
-        trainer.fit(data, epochs=1, seed=2)
+        trainer.fit(data, epochs=1, noise_multiplier=0.5, seed=2)
     assert trainer.trace_count == traces
     assert trainer.mean_loss(x_a) < before
 
 
 def test_fewer_rows_than_a_batch_is_a_clear_error(rng) -> None:
-    trainer = LocalTrainer(DENSE, TrainSettings(64, 1e-3, 1.0, 1.0))
+    trainer = LocalTrainer(DENSE, TrainSettings(64, 1e-3, 1.0))
     with pytest.raises(TrainingDataError, match="10 training rows is fewer than batch-size 64"):
         trainer.fit(_data(DENSE, 10, rng), epochs=1)
 
 
 def test_vae_trains_with_dp_and_reports_per_example_loss(rng) -> None:
-    trainer = LocalTrainer(VAE, TrainSettings(16, 1e-2, 0.8, 1.0))
+    trainer = LocalTrainer(VAE, TrainSettings(16, 1e-2, 1.0))
     x = _data(VAE, 128, rng)
     before = trainer.mean_loss(x)
-    result = trainer.fit(x, epochs=4, seed=0)
+    result = trainer.fit(x, epochs=4, noise_multiplier=0.8, seed=0)
     assert np.isfinite(result.loss)
     assert trainer.mean_loss(x) < before
+
+
+def test_shuffled_batches_have_exactly_b_examples_each_seen_once_per_epoch(rng) -> None:
+    n, batch, epochs = 100, 16, 3
+    trainer = LocalTrainer(DENSE, TrainSettings(batch, 1e-3, 1.0, sampling="shuffle"))
+    batches = []
+    original = trainer._clipped_sum_for
+
+    def spy(x_all, indices):
+        batches.append(np.array(indices))
+        return original(x_all, indices)
+
+    trainer._clipped_sum_for = spy  # type: ignore[method-assign]
+    result = trainer.fit(_data(DENSE, n, rng), epochs=epochs, noise_multiplier=1.0, seed=5)
+    per_epoch = n // batch
+    assert result.steps == epochs * per_epoch == len(batches) and result.sampling == "shuffle"
+    assert all(len(b) == batch for b in batches)
+    for e in range(epochs):
+        seen = np.concatenate(batches[e * per_epoch : (e + 1) * per_epoch])
+        assert len(np.unique(seen)) == len(seen) == per_epoch * batch  # nobody twice in an epoch
+    # A fresh permutation each epoch, not the same batches again.
+    assert not np.array_equal(batches[0], batches[per_epoch])
+
+
+def test_one_trainer_serves_any_noise_multiplier_without_retracing(rng) -> None:
+    trainer = LocalTrainer(DENSE, TrainSettings(16, 1e-3, 0.5))
+    x = _data(DENSE, 64, rng)
+    trainer.fit(x, epochs=1, noise_multiplier=0.7, seed=0)
+    traces = trainer.trace_count
+    trainer.fit(x, epochs=1, noise_multiplier=3.1, seed=0)
+    assert trainer.trace_count == traces
+    assert trainer.noise_std.numpy() == pytest.approx(3.1 * 0.5)
+    with pytest.raises(ValueError, match="noise_multiplier must be a finite number >= 0"):
+        trainer.fit(x, epochs=1, noise_multiplier=-1.0)
