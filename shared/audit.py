@@ -102,6 +102,7 @@ def audit_run(run_dir: str | Path) -> dict[str, Any]:
     matches = all(r.reported is not None and math.isclose(r.epsilon, r.reported, rel_tol=1e-6) for r in rows)
     return {
         "run_dir": str(run_dir),
+        "bound": "upper (accountant, recomputed from the ledgers)",
         "statement": describe(delta, accountant),
         "delta": delta,
         "accountant": accountant.upper(),

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.tfenv import load_tensorflow
+from shared.tfenv import configure_tensorflow, load_tensorflow
 
 load_tensorflow()  # tensorflow-privacy's modules only after tfenv's switches
 
@@ -49,8 +49,15 @@ from tensorflow_privacy.privacy.privacy_tests.membership_inference_attack.data_s
 )
 
 from shared import privacy
+from shared.audit import read_summary
+from shared.config import FedaeConfig
+from shared.data.errors import DataError
+from shared.data.sources import data_spec, load_client_data
+from shared.detector import Detector, load_bundle
+from shared.ledger import dataset_fingerprint
 from shared.models import ModelSpec, reconstruction_errors
 from shared.one_run import one_run_ceiling, one_run_epsilon_lower_bound
+from shared.task import train_settings
 from shared.training import TrainSettings, get_trainer
 
 logger = logging.getLogger(f"fedae.{__name__}")
@@ -278,16 +285,10 @@ def empirical_audit(
     The embedded data sets are regenerated from ``summary.json``'s run config and checked against the
     fingerprints in the clients' ledgers, so members are exactly what each client trained on.
     """
-    from shared.audit import read_summary
-    from shared.config import FedaeConfig
-    from shared.data.errors import DataError
-    from shared.data.sources import data_spec, load_client_data
-    from shared.ledger import dataset_fingerprint
-    from shared.task import train_settings
-
     run_dir = Path(run_dir)
     config = FedaeConfig.from_run_config(read_summary(run_dir).get("run_config", {}))
     detector = load_run_bundle(run_dir)
+    configure_tensorflow()
     delta, accountant = float(ledger_audit["delta"]), config.accountant
     seed = secrets.randbits(63) if seed is None else seed
 
@@ -307,9 +308,12 @@ def empirical_audit(
         train_rows[row["client"]] = x_train
         members.append(reconstruction_errors(detector.model, detector.spec, x_train))
         non_members.append(reconstruction_errors(detector.model, detector.spec, x_holdout))
-    attack = membership_inference(
-        np.concatenate(members), np.concatenate(non_members), confidence=confidence, seed=seed
-    )
+    try:
+        attack = membership_inference(
+            np.concatenate(members), np.concatenate(non_members), confidence=confidence, seed=seed
+        )
+    except ValueError as err:  # too few held-out rows, or a model whose errors are not finite
+        raise DataError(f"membership inference cannot run on this run ({err})", path=str(run_dir)) from err
     # Every member is protected by its own client's epsilon, at most the worst client's.
     mia_upper = float(ledger_audit["max_epsilon"])
 
@@ -371,11 +375,8 @@ def empirical_audit(
     }
 
 
-def load_run_bundle(run_dir: Path) -> Any:
+def load_run_bundle(run_dir: Path) -> Detector:
     """The run's detector bundle, or a ``DataError`` naming what is missing."""
-    from shared.data.errors import DataError
-    from shared.detector import load_bundle
-
     folder = run_dir / "bundle"
     if not folder.is_dir():
         raise DataError(
