@@ -76,7 +76,7 @@ class MembershipInference:
     """Threshold attack on reconstruction error: members should reconstruct better than non-members."""
 
     auc: float
-    advantage: float  # max over thresholds of TPR - FPR
+    advantage: float  # tensorflow-privacy's: max over thresholds of |TPR - FPR| (either direction)
     epsilon_lower_bound: float
     confidence: float
     members: int
