@@ -51,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     audit = privacy.add_parser("audit", help="recompute every client's epsilon from its ledger")
     audit.add_argument("run_dir", metavar="RUN_DIR")
     audit.add_argument("--json", action="store_true", help="print the audit as JSON")
+    audit.add_argument(
+        "--empirical",
+        action="store_true",
+        help="also attack the run (membership inference, one-run canaries) for LOWER bounds on epsilon; "
+        "writes RUN_DIR/privacy-audit.json and a section of report.md",
+    )
+    audit.add_argument("--canaries", type=int, default=1000, metavar="M", help="canaries (default 1000)")
+    audit.add_argument("--guesses", type=int, default=100, metavar="K", help="canary guesses (default 100)")
+    audit.add_argument("--verbose", action="store_true", help="show TensorFlow's own logs")
     return parser
 
 
@@ -126,9 +135,28 @@ def _privacy(args: argparse.Namespace) -> int:
 
     from shared.audit import audit_run, format_audit
 
+    if not args.empirical:
+        audit = audit_run(args.run_dir)
+        print(json.dumps(audit, indent=2) if args.json else format_audit(audit))
+        return EXIT_OK if audit["matches_run"] and audit["all_within_budget"] else EXIT_FAILURE
+
+    from shared.audit import check_empirical_inputs, format_empirical, save_audit, with_empirical
+    from shared.config import ConfigError
+
+    if not 1 <= args.guesses <= args.canaries:
+        raise ConfigError(f"--guesses must be between 1 and --canaries ({args.canaries}), got {args.guesses}")
+    check_empirical_inputs(args.run_dir)  # before the ledgers are read and TensorFlow is loaded
     audit = audit_run(args.run_dir)
-    print(json.dumps(audit, indent=2) if args.json else format_audit(audit))
-    return EXIT_OK if audit["matches_run"] and audit["all_within_budget"] else EXIT_FAILURE
+    from shared.empirical import empirical_audit
+
+    audit = with_empirical(
+        audit, empirical_audit(args.run_dir, audit, canaries=args.canaries, guesses=args.guesses)
+    )
+    path = save_audit(args.run_dir, audit)
+    print(json.dumps(audit, indent=2) if args.json else f"{format_audit(audit)}\n{format_empirical(audit)}")
+    if not args.json:
+        print(f"\nwritten: {path} and a privacy-audit section in report.md")
+    return EXIT_OK if audit["audit_passed"] else EXIT_FAILURE
 
 
 def _scenarios(_: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 Reads ``RUN_DIR/summary.json`` for the run's delta, accountant and state directory, opens each client's
 ledger there, and recomputes epsilon per client and training-data fingerprint with both accountants
 (dp-accounting RDP and PLD). A figure that cannot be computed (missing or damaged ledger) is an error,
-never a number.
+never a number. These are UPPER bounds; ``--empirical`` adds LOWER bounds from attacks
+(``shared.empirical``), and this module formats and saves the combined result.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class ClientAudit:
     within_budget: bool | None
 
 
-def _read_summary(run_dir: Path) -> dict[str, Any]:
+def read_summary(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "summary.json"
     if not path.is_file():
         raise DataError("no summary.json: not a fedae run folder", path=str(run_dir))
@@ -49,7 +50,7 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
 
 def audit_run(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    summary = _read_summary(run_dir)
+    summary = read_summary(run_dir)
     config = summary.get("run_config", {})
     privacy = summary.get("privacy", {})
     if not privacy.get("dp"):
@@ -101,6 +102,7 @@ def audit_run(run_dir: str | Path) -> dict[str, Any]:
     matches = all(r.reported is not None and math.isclose(r.epsilon, r.reported, rel_tol=1e-6) for r in rows)
     return {
         "run_dir": str(run_dir),
+        "bound": "upper (accountant, recomputed from the ledgers)",
         "statement": describe(delta, accountant, str(config.get("sampling", "poisson"))),
         "delta": delta,
         "accountant": accountant.upper(),
@@ -118,7 +120,12 @@ def format_audit(audit: dict[str, Any]) -> str:
         f"{'client':>6} {'examples':>8} {'rounds':>6} {'steps':>6} {'sigma':>6} {'q':>8} "
         f"{'eps RDP':>8} {'eps PLD':>8} {'reported':>9}  data"
     )
-    lines = [f"Privacy audit of {audit['run_dir']}", f"Each epsilon: {audit['statement']}.", "", header]
+    lines = [
+        f"Privacy audit of {audit['run_dir']}",
+        f"Each epsilon below is an UPPER bound (accountant, from the ledgers): {audit['statement']}.",
+        "",
+        header,
+    ]
     for r in audit["clients"]:
         reported = "n/a" if r["reported"] is None else f"{r['reported']:.4f}"
         lines.append(
@@ -126,10 +133,115 @@ def format_audit(audit: dict[str, Any]) -> str:
             f"{r['sigma']:>6.3g} {r['sampling_probability']:>8.4g} {r['epsilon_rdp']:>8.4f} "
             f"{r['epsilon_pld']:>8.4f} {reported:>9}  {r['dataset_fingerprint'][:12]}"
         )
+    budget = "none" if audit["budget"] is None else f"target-epsilon {audit['budget']:g}"
     lines += [
         "",
         f"max epsilon ({audit['accountant']}): {audit['max_epsilon']:.4f}",
         f"matches summary.json: {'yes' if audit['matches_run'] else 'NO'}",
-        f"budgets: {audit['budgets']}",
+        f"budget: {budget}; every client within it: {'yes' if audit['all_within_budget'] else 'NO'}",
     ]
     return "\n".join(lines)
+
+
+AUDIT_FILE = "privacy-audit.json"
+
+
+def check_empirical_inputs(run_dir: str | Path) -> None:
+    """Refuse, before any ledger is read or TensorFlow loaded, a folder the empirical audit cannot use."""
+    run_dir = Path(run_dir)
+    summary = read_summary(run_dir)
+    if not summary.get("privacy", {}).get("dp"):
+        raise DataError("this run trained without DP: there is no privacy claim to audit", path=str(run_dir))
+    if "run_config" not in summary:
+        raise DataError(
+            "summary.json has no run_config: the run's data cannot be regenerated", path=str(run_dir)
+        )
+    missing = [n for n in ("model.keras", "preprocessing.json") if not (run_dir / "bundle" / n).is_file()]
+    if missing:
+        raise DataError(
+            f"no trained model to attack: bundle/ lacks {', '.join(missing)}", path=str(run_dir / "bundle")
+        )
+
+
+def with_empirical(audit: dict[str, Any], empirical: dict[str, Any]) -> dict[str, Any]:
+    """The ledger audit plus the attacks; ``audit_passed`` needs every check to hold."""
+    return {
+        **audit,
+        "empirical": empirical,
+        "audit_passed": bool(audit["matches_run"] and audit["all_within_budget"] and empirical["passed"]),
+    }
+
+
+def _bound(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def format_empirical(audit: dict[str, Any]) -> str:
+    """The attacks' lower bounds beside the accountant's upper bounds, for the terminal."""
+    e = audit["empirical"]
+    mi, c = e["membership_inference"], e["canary"]
+    confidence = f"{e['confidence']:.0%}"
+    lines = [
+        "",
+        "Empirical audit: each epsilon is sample-level (add/remove one example), per client, "
+        f"delta={e['delta']:g}; LOWER bounds come from attacks ({confidence} confidence), UPPER bounds "
+        "from the accountant.",
+        "",
+        f"{'attack':<36} {'lower bound':>11} {'upper bound':>11}  upper bound is",
+        f"{'membership inference (final model)':<36} {_bound(mi['epsilon_lower_bound']):>11} "
+        f"{_bound(mi['upper_bound']):>11}  {mi['upper_bound_is']}",
+        f"{'one-run canaries (client ' + str(c['client']) + ')':<36} {_bound(c['epsilon_lower_bound']):>11} "
+        f"{_bound(c['upper_bound']):>11}  {c['upper_bound_is']}",
+        "",
+        f"membership inference: ROC-AUC {mi['auc']:.4f}, advantage {mi['advantage']:.4f} "
+        f"({mi['members']} members, {mi['non_members']} non-members; 0.5 and 0 = no leak seen)",
+        f"canaries: {c['correct']} of {c['guesses']} guesses right on {c['canaries']} canaries "
+        f"({c['included']} included); ceiling {c['ceiling']:.4f} (all {c['guesses']} right); "
+        f"{c['steps']} steps, q={c['sampling_probability']:.4g}, sigma={c['noise_multiplier']:g}, "
+        f"C={c['l2_norm_clip']:g}",
+        "A lower bound at or below its upper bound is consistent with the claim; it does not prove it.",
+        f"empirical audit: {'passed' if e['passed'] else 'FAILED (a lower bound is above its upper bound)'}",
+    ]
+    return "\n".join(lines)
+
+
+def audit_markdown(audit: dict[str, Any]) -> str:
+    """The report.md section: both kinds of bound, what they are, and the verdict."""
+    e = audit["empirical"]
+    mi, c = e["membership_inference"], e["canary"]
+    verdict = "passed" if audit["audit_passed"] else "**FAILED**"
+    return "\n".join(
+        [
+            "## Privacy audit",
+            "",
+            f"`fedae privacy audit --empirical`: {verdict}. Every epsilon is sample-level "
+            f"(add/remove one example), per client, at delta = {e['delta']:g}. Upper bounds are the "
+            f"accountant's ({audit['accountant']}, recomputed from the clients' ledgers); lower bounds come "
+            f"from attacks at {e['confidence']:.0%} confidence.",
+            "",
+            "| check | epsilon lower bound (attack) | epsilon upper bound (accountant) | details |",
+            "| --- | --- | --- | --- |",
+            f"| membership inference on the final model | {_bound(mi['epsilon_lower_bound'])} "
+            f"| {_bound(mi['upper_bound'])} (worst client) | ROC-AUC {mi['auc']:.4f}, advantage "
+            f"{mi['advantage']:.4f}, {mi['members']} members / {mi['non_members']} non-members |",
+            f"| one-run canary audit, client {c['client']} | {_bound(c['epsilon_lower_bound'])} "
+            f"| {_bound(c['upper_bound'])} (this training) | {c['correct']} / {c['guesses']} guesses right, "
+            f"{c['canaries']} canaries, ceiling {c['ceiling']:.4f} |",
+            "",
+            f"Ledgers match summary.json: {'yes' if audit['matches_run'] else 'no'}; every client within "
+            f"budget: {'yes' if audit['all_within_budget'] else 'no'}. A lower bound at or below its upper "
+            "bound is consistent with the claim but does not prove it (docs/PRIVACY.md, Empirical audit).",
+        ]
+    )
+
+
+def save_audit(run_dir: str | Path, audit: dict[str, Any]) -> Path:
+    """Write ``RUN_DIR/privacy-audit.json`` and the report's privacy-audit section; returns the JSON path."""
+    from shared.report import write_report_section
+
+    run_dir = Path(run_dir)
+    path = run_dir / AUDIT_FILE
+    # allow_nan=False: a NaN or infinite figure is a bug to surface, not a value to store.
+    path.write_text(json.dumps(audit, indent=2, allow_nan=False))
+    write_report_section(run_dir / "report.md", "privacy-audit", audit_markdown(audit))
+    return path

@@ -226,3 +226,26 @@ def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Pa
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def write_report_section(path: Path, name: str, markdown: str) -> Path:
+    """Put ``markdown`` in ``report.md`` between markers named ``name``, replacing an earlier copy.
+
+    Later commands (``fedae privacy audit --empirical``) add to a run's report this way; running one
+    again replaces its section instead of appending a second.
+    """
+    begin, end = f"<!-- fedae:{name}:begin -->", f"<!-- fedae:{name}:end -->"
+    text = path.read_text() if path.is_file() else ""
+    start = text.find(begin)
+    if start >= 0:
+        stop = text.find(end, start)
+        if stop < 0:
+            from shared.data.errors import DataError
+
+            raise DataError(
+                f"section {name!r} has a begin marker but no end marker; fix it by hand", path=str(path)
+            )
+        text = text[:start] + text[stop + len(end) :].lstrip("\n")
+    section = f"{begin}\n{markdown.strip()}\n{end}\n"
+    path.write_text(f"{text.rstrip()}\n\n{section}" if text.strip() else section)
+    return path

@@ -27,14 +27,22 @@ def test_shared_imports_no_flwr() -> None:
     assert offenders == []
 
 
-def test_only_training_imports_tensorflow_privacy() -> None:
+def test_only_training_and_the_empirical_audit_import_tensorflow_privacy() -> None:
+    # training.py uses its DP-SGD code; empirical.py its privacy_tests (membership inference, epsilon
+    # lower bounds), which ship in tensorflow-empirical-privacy. Nothing else touches it.
     importers = sorted(
         p.relative_to(ROOT).as_posix()
         for d in ("shared", "client", "server", "simulations", "fedae")
         for p in (ROOT / d).rglob("*.py")
         if "tensorflow_privacy" in p.read_text()
     )
-    assert importers == ["shared/training.py"]
+    assert importers == ["shared/empirical.py", "shared/training.py"]
+    modules = [
+        node.module
+        for node in ast.walk(ast.parse((ROOT / "shared" / "empirical.py").read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tensorflow_privacy")
+    ]
+    assert modules and all(m.startswith("tensorflow_privacy.privacy.privacy_tests") for m in modules)
 
 
 def test_switches_hold_in_a_fresh_clientapp_process() -> None:
