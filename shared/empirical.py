@@ -226,8 +226,8 @@ def canary_audit(
             raise ValueError(f"sampling_probability must be in (0, 1], got {sampling_probability}")
         batch_size = max(1, round(sampling_probability * len(x)))
     trainer = get_trainer(spec, dataclasses.replace(settings, batch_size=batch_size))
-    if initial_weights is not None:
-        trainer.set_weights(initial_weights)
+    # The trainer is shared within the process: start from known weights, never a previous fit's.
+    trainer.set_weights(trainer.initial_weights if initial_weights is None else initial_weights)
     logger.info(
         "canary audit: %d canaries (%d included) + %d rows, batch %d, %d epochs",
         canaries,

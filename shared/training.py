@@ -93,6 +93,7 @@ class LocalTrainer:
         self.spec = spec
         self.settings = settings
         self.model = build_model(spec)
+        self.initial_weights = self.get_weights()  # to restart from, as the trainer is shared and reused
         self.loss_fn = per_example_loss(spec)
         self.optimizer = tf.keras.optimizers.Adam(learning_rate=settings.learning_rate)
         self.optimizer.build(self.model.trainable_variables)
