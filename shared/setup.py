@@ -14,6 +14,8 @@ from shared.data.sources import DataSpec
 from shared.preprocess import Scaler
 
 _PREFIX = "fedae."
+# A client's train-reply metric under SecAgg+: how many of its weights the quantisation clipped.
+SECAGG_CLIPPED = "secagg-clipped"
 
 
 def encode_setup(config: FedaeConfig, spec: DataSpec, scaler: Scaler) -> dict[str, Any]:
