@@ -86,6 +86,10 @@ SECAGG = {"secure-aggregation": "secagg+"}
         ),
         ({**SECAGG, "secagg-num-shares": 4, "num-clients": 6}, "secagg-num-shares must be odd"),
         (
+            {**SECAGG, "secagg-num-shares": 5, "secagg-reconstruction-threshold": 2},
+            "(2) must be more than half of secagg-num-shares (5)",
+        ),
+        (
             {**SECAGG, "secagg-clipping-range": 0.0},
             "secagg-clipping-range must be a positive number, got 0.0",
         ),
@@ -104,7 +108,9 @@ def test_secure_aggregation_runs_with_strategies_that_need_only_the_sum(strategy
     config = FedaeConfig().with_overrides({**SECAGG, "strategy": strategy})
     assert config.secure_aggregation == "secagg+" and config.strategy == strategy
     # An even number of shares is fine when it is every client of the round (nothing to round up).
-    assert FedaeConfig().with_overrides({**SECAGG, "secagg-num-shares": 4, "num-clients": 4})
+    assert FedaeConfig().with_overrides(
+        {**SECAGG, "secagg-num-shares": 4, "secagg-reconstruction-threshold": 3, "num-clients": 4}
+    )
 
 
 def test_secagg_settings_are_not_checked_against_the_clients_when_secure_aggregation_is_off() -> None:

@@ -134,7 +134,7 @@ def test_secagg_aggregate_is_the_weighted_mean_within_quantisation(known_updates
     tolerance = quantisation_tolerance(sizes, [0, 1, 2])
     for got, want in zip(aggregate, expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=tolerance)
-    assert tolerance < 1e-4
+    assert tolerance < 1e-3  # far below the weights themselves (uniform in [-1, 1])
     # The clients' metrics came in the clear with the masked vectors: the epsilon figure is theirs.
     assert {cid: m["epsilon"] for cid, m in watch._recorder.train[1].items()} == {0: 1.0, 1: 2.0, 2: 3.0}
     assert not watch.exhausted and not watch.errors
