@@ -4,6 +4,9 @@ The client's privacy ledger is an SQLite file on the client's side (``shared.led
 ``<state-dir>/client-<partition-id>/``; a site's node config may set its own ``state-dir``. Every
 training is recorded there before the reply with the new weights is built, and the epsilon it reports
 composes every event recorded for the same data.
+
+The same handlers serve both aggregation paths: plain messages, and the SecAgg+ path's legacy content
+(``client/secure.py``), where Flower's ``secaggplus_mod`` masks the weights this handler returns.
 """
 
 from __future__ import annotations
@@ -19,9 +22,17 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.secure import (
+    clipped_count,
+    evaluate_reply,
+    fit_reply,
+    is_legacy,
+    read_instructions,
+    secaggplus_when_asked,
+)
 from shared.ledger import PrivacyLedger, ledger_path
 from shared.privacy import BUDGET_EXHAUSTED, BudgetExhausted
-from shared.setup import UNIT_WEIGHT, decode_setup
+from shared.setup import SECAGG_CLIPPED, UNIT_WEIGHT, decode_setup
 from shared.task import evaluate_client, train_client
 
 app = ClientApp()
@@ -59,9 +70,10 @@ def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
     return call_next(msg, context)
 
 
-@app.train(mods=[client_dp_mod])
+@app.train(mods=[secaggplus_when_asked, client_dp_mod])
 def train(msg: Message, context: Context) -> Message:
-    config, spec, scaler = decode_setup(dict(msg.content["config"]))
+    weights, setup_values = read_instructions(msg)
+    config, spec, scaler = decode_setup(setup_values)
     client_id = _client_id(context)
     budget = float(context.node_config.get("target-epsilon", config.target_epsilon))
     try:
@@ -70,9 +82,9 @@ def train(msg: Message, context: Context) -> Message:
                 config,
                 spec,
                 scaler,
-                msg.content["arrays"].to_numpy_ndarrays(),
+                weights,
                 client_id,
-                int(msg.content["config"]["server-round"]),
+                int(setup_values["server-round"]),
                 ledger,
                 str(context.run_id),
                 target_epsilon=budget,
@@ -92,14 +104,21 @@ def train(msg: Message, context: Context) -> Message:
             "sampling-probability": outcome.event.sampling_probability,
             "noise-multiplier": outcome.event.noise_multiplier,
         }
+    if is_legacy(msg):
+        # SecAgg+: the mod masks these weights before they leave; the event is already in the ledger.
+        metrics[SECAGG_CLIPPED] = clipped_count(outcome.weights, outcome.num_examples, config)
+        return Message(content=fit_reply(outcome.weights, outcome.num_examples, metrics), reply_to=msg)
     content = RecordDict({"arrays": ArrayRecord(outcome.weights), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config, spec, scaler = decode_setup(dict(msg.content["config"]))
+    weights, setup_values = read_instructions(msg)
+    config, spec, scaler = decode_setup(setup_values)
     client_id = _client_id(context)
-    metrics = evaluate_client(config, spec, scaler, msg.content["arrays"].to_numpy_ndarrays(), client_id)
+    metrics = evaluate_client(config, spec, scaler, weights, client_id)
     metrics |= {"client-id": client_id, UNIT_WEIGHT: 1.0}
+    if is_legacy(msg):
+        return Message(content=evaluate_reply(metrics), reply_to=msg)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

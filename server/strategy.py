@@ -37,7 +37,7 @@ class RoundRecorder:
         for content in contents:
             metrics = dict(content["metrics"])
             rows.append(metrics)
-            store[self.current_round][int(metrics["client-id"])] = {k: float(v) for k, v in metrics.items()}
+            self.record(store, self.current_round, metrics)
         total = sum(float(m[weight_key]) for m in rows) or 1.0
         summary: dict[str, float] = {}
         for key in {k for m in rows for k in m} - {
@@ -57,6 +57,11 @@ class RoundRecorder:
             summary["max-epsilon"] = max(epsilons)
         summary[weight_key] = total
         return MetricRecord(summary)
+
+    @staticmethod
+    def record(store: dict[int, dict[int, dict[str, float]]], server_round: int, metrics: dict) -> None:
+        """Keep one client's reply (it names itself with ``client-id``) under ``server_round``."""
+        store[server_round][int(metrics["client-id"])] = {k: float(v) for k, v in metrics.items()}
 
     def aggregate_train(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
         return self._capture(self.train, contents, weight_key)
@@ -170,5 +175,10 @@ class ExcludeExhausted:
 
     def exhausted_clients(self) -> list[int]:
         """Client ids (from the clients' own messages) that ran out of budget."""
-        ids = [re.search(r"client-id=(\d+)", reason) for reason in self.exhausted.values()]
-        return sorted(int(m.group(1)) for m in ids if m)
+        return client_ids(self.exhausted.values())
+
+
+def client_ids(reasons: Iterable[str]) -> list[int]:
+    """The client ids that "budget exhausted" replies name (``client-id=N``), sorted."""
+    ids = [re.search(r"client-id=(\d+)", reason) for reason in reasons]
+    return sorted(int(m.group(1)) for m in ids if m)

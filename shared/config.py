@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -17,6 +17,10 @@ SCENARIOS = ("fleet", "digits", "wdbc", "mnist", "files")
 MODELS = ("dense", "conv", "vae")
 ACTIVATIONS = ("relu", "elu", "gelu", "tanh")
 STRATEGIES = ("fedavg", "fedadam", "fedprox")
+SECURE_AGGREGATION = ("none", "secagg+")
+# Aggregation rules that look at each client's update (coordinate-wise median, trimming, distances between
+# updates): none is in STRATEGIES yet, and SecAgg+ must keep refusing them when one is added.
+NEEDS_INDIVIDUAL_UPDATES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 ACCOUNTANTS = ("rdp", "pld")
 THRESHOLD_RULES = ("percentile", "mean-k-sigma")
 PARTITIONS = ("natural", "iid", "dirichlet")
@@ -46,6 +50,20 @@ class FedaeConfig:
     strategy: str = "fedavg"
     server_learning_rate: float = 0.01
     proximal_mu: float = 0.01
+    # Secure aggregation (docs/PRIVACY.md): "secagg+" runs Flower's SecAgg+, so the server learns only the
+    # weighted sum of the clients' models. Each client's mask secrets are split into num-shares shares
+    # (itself and num-shares - 1 neighbours: a fixed integer, so the privacy and dropout figures do not
+    # shift with the sample size), any reconstruction-threshold of which recover them when a client drops
+    # out. Each client scales its weights by n / max-weight (FedAvg's weighting; n must not exceed
+    # max-weight) and quantises them within [-clipping-range, clipping-range]: values outside are clipped.
+    # max-weight 10,000 (Flower's default is 1,000) covers the fleet scenario's 3,400 rows per client; the
+    # price of a larger one is a coarser grid for small clients, 2 * range / 2**22 * max-weight / n per
+    # weight (4e-4 for n = 100), with unbiased (stochastic) rounding.
+    secure_aggregation: str = "none"
+    secagg_num_shares: int = 3
+    secagg_reconstruction_threshold: int = 2
+    secagg_clipping_range: float = 8.0
+    secagg_max_weight: float = 10000.0
     model: str = "dense"
     latent_dim: int = 16
     activation: str = "relu"
@@ -141,6 +159,7 @@ class FedaeConfig:
         _choice("model", self.model, MODELS)
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("strategy", self.strategy, STRATEGIES)
+        _choice("secure-aggregation", self.secure_aggregation, SECURE_AGGREGATION)
         _choice("accountant", self.accountant, ACCOUNTANTS)
         _choice("threshold-rule", self.threshold_rule, THRESHOLD_RULES)
         _choice("anomaly-score", self.anomaly_score, SCORE_RULES)
@@ -156,7 +175,13 @@ class FedaeConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{_key(name)} must be in [0, 1], got {value}")
-        for name in ("learning_rate", "server_learning_rate", "dirichlet_alpha"):
+        for name in (
+            "learning_rate",
+            "server_learning_rate",
+            "dirichlet_alpha",
+            "secagg_clipping_range",
+            "secagg_max_weight",
+        ):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{_key(name)} must be a positive number, got {value}")
@@ -203,24 +228,143 @@ class FedaeConfig:
             raise ConfigError("scenario 'files' needs data-dir (one CSV/Parquet/NPZ file per site)")
         if self.model == "conv" and self.scenario in ("fleet", "wdbc"):
             raise ConfigError(f"model 'conv' needs image data; scenario {self.scenario!r} is tabular")
-        check_combinations(self)
         self.normal_class_list  # noqa: B018 - validates the list syntax
+        # Site files partitioned naturally have one client per file: the count is known once the data is
+        # listed, and the server and the simulation runner check again with it.
+        known_clients = (
+            None if (self.scenario == "files" and self.partition == "natural") else self.num_clients
+        )
+        check_combinations(self, known_clients)
 
 
-def check_combinations(config: FedaeConfig) -> None:
-    """Refuse, at start, option combinations that would break a guarantee or cannot work."""
-    if config.client_dp_enabled:
-        if config.strategy == "fedadam":
-            raise ConfigError(
-                "client-dp needs FedAvg-style aggregation (strategy fedavg or fedprox): Flower's "
-                "client-level accountant covers only a plain, uniformly weighted mean of clipped "
-                "updates, and FedAdam replaces that mean with its own server optimiser step"
+# -- combinations ------------------------------------------------------------------------------------------
+# Settings that are each valid but break a guarantee, or cannot work, together. Each rule returns the
+# reasons it refuses ``config`` (empty when it accepts it); ``num_clients`` is the federation's size, None
+# where it is not known yet. Add a rule here for each new combination.
+
+
+def clients_per_round(config: Any, num_clients: int) -> int:
+    """How many of ``num_clients`` the strategy samples each round: Flower's rule, a fraction but at least
+    the minimum (as ``build_strategy`` sets it)."""
+    minimum = min(config.min_available_clients, num_clients)
+    return max(int(num_clients * config.fraction_train), minimum)
+
+
+def _secagg_parameters(config: Any, num_clients: int | None) -> list[str]:
+    """SecAgg+'s own parameters, checked against each other and against the clients sampled per round."""
+    if config.secure_aggregation != "secagg+":
+        return []
+    shares, threshold = config.secagg_num_shares, config.secagg_reconstruction_threshold
+    problems = []
+    if shares < 3:
+        # Flower's SecAggPlusWorkflow refuses 2 and reads 1 as "every sampled client".
+        problems.append(f"secagg-num-shares must be >= 3, got {shares}")
+    if threshold < 2:
+        # One share would reveal a client's secret to whoever holds it (and Flower reads 1 as "all").
+        problems.append(f"secagg-reconstruction-threshold must be >= 2, got {threshold}")
+    if threshold >= shares:
+        problems.append(
+            f"secagg-reconstruction-threshold ({threshold}) must be below secagg-num-shares ({shares}): "
+            "Flower's SecAgg+ refuses a threshold that leaves no room for a single dropout"
+        )
+    elif 2 * threshold <= shares:
+        # Each share holder gives the server a share of either the client's mask seed (client active) or
+        # its key (client dropped), never both. Flower's SecAgg+ has no round in which the holders check
+        # that the server told them all the same story, so a server that tells half the holders one and
+        # half the other collects `threshold` shares of both secrets, and unmasks that client, whenever
+        # 2 * threshold <= shares.
+        problems.append(
+            f"secagg-reconstruction-threshold ({threshold}) must be more than half of secagg-num-shares "
+            f"({shares}): with fewer, a server that gives a client's neighbours inconsistent dropout lists "
+            "collects enough shares to unmask that client's model"
+        )
+    if num_clients is not None:
+        sampled = clients_per_round(config, num_clients)
+        if shares > sampled:
+            problems.append(
+                f"secagg-num-shares ({shares}) is more than the {sampled} client(s) sampled per round "
+                f"({num_clients} clients, fraction-train {config.fraction_train:g}, min-available-clients "
+                f"{config.min_available_clients}): each client's secrets are shared among num-shares "
+                "clients of the round, so a round needs at least that many; add clients or lower it"
             )
-        if config.client_dp_noise_multiplier <= 0:
-            raise ConfigError(
-                "client-dp needs client-dp-noise-multiplier > 0: clipping alone gives no client-level "
-                "guarantee, and Flower's accountant refuses a noiseless release"
+        elif shares % 2 == 0 and shares != sampled:
+            # SecAgg+ places each client in the middle of its num-shares neighbours; Flower rounds an even
+            # number up, so the run would not use the value the config states.
+            problems.append(
+                f"secagg-num-shares must be odd (or equal to the {sampled} clients sampled per round), "
+                f"got {shares}"
             )
+    return problems
+
+
+def _secagg_aggregation_rule(config: Any, num_clients: int | None) -> list[str]:
+    """SecAgg+ gives the server the weighted sum of the updates and nothing else."""
+    if config.secure_aggregation == "none":
+        return []
+    if config.strategy in NEEDS_INDIVIDUAL_UPDATES:
+        return [
+            f"secure-aggregation {config.secure_aggregation!r} cannot run with strategy "
+            f"{config.strategy!r}: a robust rule (median, trimmed mean, Krum, Bulyan) inspects each "
+            "client's update, and secure aggregation shows the server only their weighted sum; use "
+            "fedavg, fedprox or fedadam, or secure-aggregation 'none'"
+        ]
+    # fedavg, fedprox (a client-side term) and fedadam (an optimiser step on the averaged model) need
+    # only the weighted sum, which is what SecAgg+ delivers.
+    return []
+
+
+def _secagg_client_level_dp(config: Any, num_clients: int | None) -> list[str]:
+    """Client-level DP (``client-dp``) and SecAgg+."""
+    client_dp = config.client_dp
+    if config.secure_aggregation == "none" or client_dp == "none":
+        return []
+    if client_dp.startswith("server-"):
+        return [
+            f"secure-aggregation {config.secure_aggregation!r} cannot run with client-dp {client_dp!r}: "
+            "server-side clipping clips each client's update on the server, which needs every update "
+            "in the clear, and secure aggregation hides them; use a client-side variant "
+            "(client-fixed, client-adaptive) or secure-aggregation 'none'"
+        ]
+    # Client-side clipping works with secure aggregation in principle (clients clip, the server noises the
+    # sum), but the SecAgg+ path (server/secure.py) does not wire it in: refuse rather than drop the noise.
+    return [
+        f"secure-aggregation {config.secure_aggregation!r} with client-dp {client_dp!r} is not supported "
+        "yet: the SecAgg+ path would train without the client-level noise; use secure-aggregation 'none'"
+    ]
+
+
+def _client_dp_rule(config: Any, num_clients: int | None) -> list[str]:
+    """Flower's client-level DP wrappers and accountant: what they can account for."""
+    if config.client_dp == "none":
+        return []
+    problems = []
+    if config.strategy == "fedadam":
+        problems.append(
+            "client-dp needs FedAvg-style aggregation (strategy fedavg or fedprox): Flower's "
+            "client-level accountant covers only a plain, uniformly weighted mean of clipped "
+            "updates, and FedAdam replaces that mean with its own server optimiser step"
+        )
+    if config.client_dp_noise_multiplier <= 0:
+        problems.append(
+            "client-dp needs client-dp-noise-multiplier > 0: clipping alone gives no client-level "
+            "guarantee, and Flower's accountant refuses a noiseless release"
+        )
+    return problems
+
+
+COMBINATION_RULES: tuple[Callable[[Any, int | None], list[str]], ...] = (
+    _secagg_parameters,
+    _secagg_aggregation_rule,
+    _secagg_client_level_dp,
+    _client_dp_rule,
+)
+
+
+def check_combinations(config: Any, num_clients: int | None = None) -> None:
+    """Refuse settings that break a guarantee or cannot work together, naming every problem found."""
+    problems = [problem for rule in COMBINATION_RULES for problem in rule(config, num_clients)]
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

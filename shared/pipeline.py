@@ -176,9 +176,14 @@ def finish(
     compare: bool = True,
     best_round: int | None = None,
     budget: dict[str, Any] | None = None,
+    aggregation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fit the threshold, evaluate, export the bundle and write the report; returns the summary."""
+    """Fit the threshold, evaluate, export the bundle and write the report; returns the summary.
+
+    ``aggregation`` says how the server combined the clients' models (``secure_aggregation`` and, under
+    SecAgg+, its parameters and what it does not hide)."""
     config = setup.config
+    aggregation = aggregation or {"secure_aggregation": "none"}
     out_dir = setup.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = trainer_for(config, setup.spec, setup.scaler)
@@ -221,6 +226,7 @@ def finish(
                 "rounds": config.num_server_rounds,
                 "clients": setup.num_clients,
                 "strategy": config.strategy,
+                "aggregation": aggregation,
                 "best_round": best_round,
                 "run_config": config.to_run_config(),
                 "created": datetime.now(UTC).isoformat(),
@@ -240,6 +246,7 @@ def finish(
         "data_notes": setup.data.notes,
         "rounds": rounds,
         "privacy": privacy_info,
+        "aggregation": aggregation,
         "detector": {
             "anomaly_score": scorer.describe(),
             **detector_metrics,

@@ -147,6 +147,17 @@ def _client_level_lines(client_level: dict[str, Any]) -> list[str]:
     ]
 
 
+def _aggregation_line(aggregation: dict[str, Any]) -> str:
+    if aggregation.get("secure_aggregation", "none") == "none":
+        return "Aggregation: plain (the server sees each client's model)."
+    return (
+        f"Aggregation: {aggregation['secure_aggregation']} (the server sees only the weighted sum of the "
+        f"clients' models; {aggregation['num_shares']} shares, reconstruction threshold "
+        f"{aggregation['reconstruction_threshold']}, clipping range {aggregation['clipping_range']:g}). "
+        f"Not hidden: {aggregation['not_hidden']}"
+    )
+
+
 def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Path:
     p, d = summary["privacy"], summary["detector"]
     lines = [
@@ -187,6 +198,7 @@ def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Pa
     else:
         lines += ["**no DP-SGD**: noise multiplier 0 and no clipping: no sample-level guarantee."]
     lines += ["", *_client_level_lines(p.get("client_level") or {})]
+    lines += ["", _aggregation_line(summary.get("aggregation") or {})]
     lines += [
         "",
         "## Detector",

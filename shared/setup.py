@@ -18,6 +18,9 @@ _PREFIX = "fedae."
 # weighs the same (Flower's accountant covers only the uniformly weighted mean).
 UNIT_WEIGHT = "dp-weight"
 
+# A client's train-reply metric under SecAgg+: how many of its weights the quantisation clipped.
+SECAGG_CLIPPED = "secagg-clipped"
+
 
 def encode_setup(config: FedaeConfig, spec: DataSpec, scaler: Scaler) -> dict[str, Any]:
     values: dict[str, Any] = dict(config.to_run_config())

@@ -28,18 +28,26 @@ def validate_inputs(config: FedaeConfig) -> int:
 
     Returns the number of clients. Raises ``DataError`` / ``ConfigError`` naming the problem.
     """
-    from shared.config import ConfigError
+    from shared.config import ConfigError, check_combinations
 
     server = load_server_data(config)
     num_clients = num_clients_for(config)
     if num_clients < 1:
         raise ConfigError("a federation needs at least one client")
+    check_combinations(config, num_clients)  # again, now that site files have been counted
     for client_id in range(num_clients):
         data = load_client_data(config, client_id)
         if data.num_examples < config.batch_size:
             raise ConfigError(
                 f"client {client_id} has {data.num_examples} training rows, fewer than "
                 f"batch-size {config.batch_size}; lower batch-size or add data"
+            )
+        if config.secure_aggregation != "none" and data.num_examples > config.secagg_max_weight:
+            raise ConfigError(
+                f"client {client_id} has {data.num_examples} training rows, more than secagg-max-weight "
+                f"{config.secagg_max_weight:g}: SecAgg+ scales each model by n / max-weight before "
+                "quantising it, so this client's weights would be clipped; raise secagg-max-weight to at "
+                "least the largest client's row count"
             )
         if data.x_train.shape[1:] != server.x_test.shape[1:]:
             raise ConfigError(

@@ -48,6 +48,7 @@ def _sites(tmp_path: Path, bad_cell: bool = False) -> tuple[Path, Path]:
         ("bad-value", "noise-multiplier must be a number, got 'lots'"),
         ("too-few-rows", "fewer than batch-size 500"),
         ("big-delta", "delta 0.1 must be below 1/n"),
+        ("secagg-two-sites", "secagg-num-shares (3) is more than the 2 client(s) sampled per round"),
     ],
 )
 def test_bad_input_exits_2_with_one_clear_line(tmp_path, case: str, needle: str) -> None:
@@ -62,6 +63,7 @@ def test_bad_input_exits_2_with_one_clear_line(tmp_path, case: str, needle: str)
         "bad-value": "noise-multiplier=lots",
         "too-few-rows": "batch-size=500",
         "big-delta": "delta=0.1 batch-size=8",
+        "secagg-two-sites": "secure-aggregation='secagg+'",  # one client per file: known from the data
     }.get(case)
     if extra:
         args += ["--run-config", extra]

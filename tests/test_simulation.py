@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def wdbc_config(out_dir, **changes) -> FedaeConfig:
     base = FedaeConfig().with_overrides(scenarios.overrides("wdbc"))
-    return base.replace(out_dir=str(out_dir), num_clients=2, local_epochs=1, **changes)
+    return base.replace(out_dir=str(out_dir), **{"num_clients": 2, "local_epochs": 1, **changes})
 
 
 def test_two_clients_two_rounds_with_dp_end_to_end(tmp_path) -> None:
@@ -190,3 +190,76 @@ def test_server_side_adaptive_clipping_is_accounted_like_fixed(tmp_path) -> None
     assert cl["releases"] == 2
     assert cl["epsilon"] == pytest.approx(_client_level_epsilon(z, 2, config.delta), rel=0.02)
     assert cl["final_clip"] != pytest.approx(0.05)  # the clipping norm adapted
+
+
+def test_secagg_plus_run_with_dp_end_to_end(tmp_path) -> None:
+    config = wdbc_config(
+        tmp_path / "secagg", num_clients=3, num_server_rounds=2, secure_aggregation="secagg+"
+    )
+    summary = simulate(config)
+
+    # Same outputs as the plain path: every round, every client, finite losses, a bundle and a report.
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert all(r["clients"] == [0, 1, 2] for r in summary["rounds"])
+    assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["eval_loss"]) for r in summary["rounds"])
+    assert summary["best_round"] in (1, 2)
+    assert load_bundle(tmp_path / "secagg" / "bundle").threshold == pytest.approx(
+        summary["detector"]["threshold"]
+    )
+
+    # Secure aggregation is recorded, with its parameters and what it leaves in the clear.
+    aggregation = summary["aggregation"]
+    assert aggregation["secure_aggregation"] == "secagg+"
+    assert (aggregation["num_shares"], aggregation["reconstruction_threshold"]) == (3, 2)
+    assert aggregation["clipping_range"] == config.secagg_clipping_range
+    assert "in the clear" in aggregation["not_hidden"]
+    assert [(r["round"], r["clients_in_sum"], r["clipped_weights"]) for r in aggregation["per_round"]] == [
+        (1, 3, 0),
+        (2, 3, 0),
+    ]
+    assert "secagg+" in (tmp_path / "secagg" / "report.md").read_text()
+
+    # Each client's epsilon is its own report (it travels beside the masked model), and matches an
+    # independent computation over both rounds; each ledger holds exactly one event per round.
+    from shared.ledger import PrivacyLedger, ledger_path
+
+    per_client = summary["privacy"]["sample_level"]["per_client"]
+    for client_id in (0, 1, 2):
+        n = load_client_data(config, client_id).num_examples
+        steps = math.ceil(n / config.batch_size)
+        events = [TrainingEvent(r, config.noise_multiplier, config.batch_size / n, steps, n) for r in (1, 2)]
+        assert per_client[str(client_id)] == pytest.approx(cumulative_epsilon(events, config.delta), rel=1e-6)
+        with PrivacyLedger(ledger_path(tmp_path / "secagg" / "state", client_id), create=False) as ledger:
+            assert [e.round for e in ledger.events()] == [1, 2]
+    from shared.audit import audit_run
+
+    assert audit_run(tmp_path / "secagg")["matches_run"]
+
+
+def test_secagg_plus_clients_out_of_budget_stop_the_run_cleanly(tmp_path) -> None:
+    config = wdbc_config(
+        tmp_path / "secagg-budget", num_clients=3, num_server_rounds=4, secure_aggregation="secagg+"
+    )
+    n = min(load_client_data(config, c).num_examples for c in range(3))
+    steps = math.ceil(n / config.batch_size)
+    rounds = [TrainingEvent(r, config.noise_multiplier, config.batch_size / n, steps, n) for r in (1, 2)]
+    # A budget that allows one round but not two (the smallest client spends the most per round).
+    budget = (cumulative_epsilon(rounds[:1], config.delta) + cumulative_epsilon(rounds, config.delta)) / 2
+    summary = simulate(config.replace(target_epsilon=budget))
+
+    # Round 2: every client refuses before training, SecAgg+ has nobody to unmask and halts; round 3
+    # finds no client with budget left and the run ends, exporting round 1's model.
+    assert summary["privacy"]["budget"]["exhausted_clients"] == [0, 1, 2]
+    assert "fewer than the 3" in summary["privacy"]["budget"]["stopped_early"]
+    assert [r["clients"] for r in summary["rounds"]] == [[0, 1, 2]]
+    assert summary["best_round"] == 1
+    per_round = {r["round"]: r for r in summary["aggregation"]["per_round"]}
+    assert per_round[1]["clients_in_sum"] == 3
+    assert per_round[2]["clients_in_sum"] is None and per_round[2]["error_replies"] == 3
+    from shared.ledger import PrivacyLedger, ledger_path
+
+    for client_id in (0, 1, 2):
+        with PrivacyLedger(
+            ledger_path(tmp_path / "secagg-budget" / "state", client_id), create=False
+        ) as ledger:
+            assert [e.round for e in ledger.events()] == [1]

@@ -1,0 +1,86 @@
+"""The run's round table and best model, filled the same way by the plain and the SecAgg+ paths."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.strategy import RoundRecorder
+from shared.config import FedaeConfig
+from shared.pipeline import PrivacyRecord
+
+logger = logging.getLogger("fedae.server")
+
+
+@dataclass
+class RoundBook:
+    """Rows of ``summary.json``'s ``rounds``, the best round by calibration loss, and each client's latest
+    cumulative epsilon, from what the recorder captured in each round."""
+
+    config: FedaeConfig
+    recorder: RoundRecorder
+    best_weights: list[np.ndarray]
+    best_loss: float = float("inf")
+    best_round: int = 0
+    rows: list[dict] = field(default_factory=list)
+    latest_epsilon: dict[int, float] = field(default_factory=dict)
+
+    def close_round(self, server_round: int, weights: list[np.ndarray], loss: float) -> None:
+        """Record round ``server_round`` once its training and held-out evaluation are captured;
+        ``loss`` is the calibration loss of its global model ``weights``."""
+        if server_round == 0:
+            return  # the initial model: no round to record
+        config = self.config
+        train = self.recorder.train.get(server_round, {})
+        if not train:
+            # Nobody trained (every client refused: budget spent): no new model, no round to record.
+            logger.warning("round %d/%d: no client trained", server_round, config.num_server_rounds)
+            return
+        held_out = self.recorder.evaluate.get(server_round, {})
+        self.latest_epsilon.update({cid: m["epsilon"] for cid, m in train.items() if "epsilon" in m})
+        epsilons = list(self.latest_epsilon.values())
+        row = {
+            "round": server_round,
+            "clients": sorted(train),
+            "train_loss": _weighted(train, "train-loss"),
+            "eval_loss": _weighted(held_out, "eval-loss"),
+            "calibration_loss": loss,
+            "max_epsilon": max(epsilons) if epsilons else None,
+        }
+        self.rows.append(row)
+        logger.info(
+            "round %d/%d: %d clients, train loss %.4f, held-out loss %.4f, calibration loss %.4f%s",
+            server_round,
+            config.num_server_rounds,
+            len(train),
+            row["train_loss"],
+            row["eval_loss"],
+            loss,
+            f", worst client's cumulative epsilon {row['max_epsilon']:.3f} (delta {config.delta:g})"
+            if epsilons
+            else ", no DP",
+        )
+        if math.isfinite(loss) and loss < self.best_loss:
+            self.best_loss, self.best_round, self.best_weights = loss, server_round, weights
+
+    def privacy_record(self) -> PrivacyRecord:
+        """Each client's figures as it reported them, round by round; its latest epsilon is its
+        cumulative one (later rounds overwrite earlier)."""
+        record = PrivacyRecord()
+        for server_round in sorted(self.recorder.train):
+            for cid, metrics in self.recorder.train[server_round].items():
+                record.per_client[cid] = metrics.get("epsilon")
+                if "epsilon" in metrics:
+                    record.per_client_rounds.setdefault(cid, {})[server_round] = metrics["epsilon"]
+                if "noise-multiplier" in metrics:
+                    record.per_client_sigma[cid] = metrics["noise-multiplier"]
+        return record
+
+
+def _weighted(per_client: dict[int, dict[str, float]], key: str) -> float:
+    pairs = [(m[key], m["num-examples"]) for m in per_client.values() if key in m]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else float("nan")
