@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -176,16 +176,38 @@ class PrivacyLedger:
 
     def record(self, event: LedgerEvent) -> None:
         """Append ``event``; when this returns, the event is on disk."""
+        try:
+            with self._transaction():
+                self._insert(event)
+        except sqlite3.DatabaseError as err:
+            raise LedgerError(f"{self.path}: could not record a privacy event ({err})") from err
+
+    def charge(
+        self, plan: Callable[[list[LedgerEvent]], LedgerEvent]
+    ) -> tuple[list[LedgerEvent], LedgerEvent]:
+        """Append ``plan(history)`` in the same write transaction that read ``history``.
+
+        ``plan`` sees every event so far, checks the budget (or calibrates against it) and returns the
+        event to charge, or raises to charge nothing. No other writer can append in between, so two runs
+        training one site at once cannot together pass its budget; the second waits for the first.
+        Returns the history ``plan`` saw and the charged event.
+        """
+        try:
+            with self._transaction():
+                history = self.events()
+                event = plan(history)
+                self._insert(event)
+        except sqlite3.DatabaseError as err:
+            raise LedgerError(f"{self.path}: could not record a privacy event ({err})") from err
+        return history, event
+
+    def _insert(self, event: LedgerEvent) -> None:
         values = asdict(event)
         columns = ", ".join(values)
         placeholders = ", ".join("?" for _ in values)
-        try:
-            with self._transaction():
-                self._connection.execute(
-                    f"INSERT INTO events ({columns}) VALUES ({placeholders})", tuple(values.values())
-                )
-        except sqlite3.DatabaseError as err:
-            raise LedgerError(f"{self.path}: could not record a privacy event ({err})") from err
+        self._connection.execute(
+            f"INSERT INTO events ({columns}) VALUES ({placeholders})", tuple(values.values())
+        )
 
     def events(self, dataset_fingerprint: str | None = None) -> list[LedgerEvent]:
         names = [f.name for f in LedgerEvent.__dataclass_fields__.values()]

@@ -123,42 +123,46 @@ def train_client(
     run_id: str,
     target_epsilon: float | None = None,
 ) -> TrainOutcome:
-    """Local DP-SGD from ``weights``; the event is in the ledger before the weights are returned.
+    """Local DP-SGD from ``weights``, charged to the client's ledger *before* it trains.
 
-    The returned epsilon composes every event in the client's ledger (all rounds of all runs that used
-    it), not this round alone.
+    The round's sampling rate, step count and sigma are known in advance, so the budget check and the
+    event's record are one ledger transaction (``PrivacyLedger.charge``): a round that would pass the
+    budget records nothing and raises ``BudgetExhausted``; a training that fails after its charge stays
+    charged (over-reporting is safe, under-reporting is not). The returned epsilon composes every event
+    in the ledger (all rounds of all runs that used it), not this round alone.
     """
     data = client_data(config, client_id)
     target_epsilon = config.target_epsilon if target_epsilon is None else target_epsilon
-    sigma = 0.0
+    sigma, charged, history = 0.0, None, []
     if config.dp_enabled:
         privacy.check_delta(config.delta, data.num_examples)
-        # Every event in this client's ledger counts, whatever data it was on: a re-split, re-seeded or
-        # slightly edited copy of a site's data is still mostly the same people, so starting it from
-        # zero would under-report. The fingerprint is kept with each event for the audit trail.
-        history = [e.training_event() for e in ledger.events()]
         fingerprint = dataset_fingerprint(data.x_train)
-        if config.auto_noise:
-            try:
-                sigma = noise_multiplier_for(config, data.num_examples, server_round, history, target_epsilon)
-            except privacy.CalibrationError as err:
-                current = privacy.cumulative_epsilon(history, config.delta, config.accountant)
-                raise privacy.BudgetExhausted(
-                    client_id, current, float("inf"), target_epsilon, config.delta, str(err)
-                ) from err
-            logger.debug(
-                "client %d round %d: calibrated noise multiplier %.4f", client_id, server_round, sigma
+
+        def plan(recorded: list[LedgerEvent]) -> LedgerEvent:
+            # Every event in this client's ledger counts, whatever data it was on: a re-split, re-seeded
+            # or slightly edited copy of a site's data is still mostly the same people, so starting it
+            # from zero would under-report. The fingerprint is kept with each event for the audit trail.
+            past = [e.training_event() for e in recorded]
+            sigma = _sigma_within_budget(
+                config, data.num_examples, server_round, past, target_epsilon, client_id
             )
-        else:
-            sigma = float(config.noise_multiplier)
-        if target_epsilon > 0:
-            # The round's sampling rate and step count are known before training: check the epsilon
-            # the client would have afterwards, and refuse to spend past the budget.
-            planned = planned_event(config, data.num_examples, server_round, sigma)
-            projected = privacy.cumulative_epsilon([*history, planned], config.delta, config.accountant)
-            if projected > target_epsilon:
-                current = privacy.cumulative_epsilon(history, config.delta, config.accountant)
-                raise privacy.BudgetExhausted(client_id, current, projected, target_epsilon, config.delta)
+            event = planned_event(config, data.num_examples, server_round, sigma)
+            return LedgerEvent(
+                run_id,
+                server_round,
+                fingerprint,
+                event.num_examples,
+                event.noise_multiplier,
+                event.sampling_probability,
+                event.steps,
+                config.l2_norm_clip,
+                event.sampling,
+                event.epochs,
+            )
+
+        recorded, charged = ledger.charge(plan)
+        history = [e.training_event() for e in recorded]
+        sigma = charged.noise_multiplier
     trainer = trainer_for(config, spec, scaler)
     trainer.set_weights(weights)
     mu = config.proximal_mu if config.strategy == "fedprox" else 0.0
@@ -166,23 +170,55 @@ def train_client(
         scaler.transform(data.x_train), epochs=config.local_epochs, noise_multiplier=sigma, proximal_mu=mu
     )
     event = epsilon = None
-    if config.dp_enabled:
-        recorded = LedgerEvent(
-            run_id,
-            server_round,
-            fingerprint,
-            result.num_examples,
-            result.noise_multiplier,
-            result.sampling_probability,
-            result.steps,
-            config.l2_norm_clip,
-            result.sampling,
-            result.epochs,
-        )
-        ledger.record(recorded)
-        event = recorded.training_event()
+    if charged is not None:
+        event = charged.training_event()
+        done = (result.steps, result.sampling_probability, result.sampling, result.epochs)
+        if done != (event.steps, event.sampling_probability, event.sampling, event.epochs):
+            # Never send weights whose privacy cost differs from the charge (a bug, not bad input).
+            raise RuntimeError(f"the fit ran {done}, not the charged {event}; weights withheld")
         epsilon = privacy.cumulative_epsilon([*history, event], config.delta, config.accountant)
+    _fault_point("trained")
     return TrainOutcome(trainer.get_weights(), result.num_examples, result.loss, event, epsilon)
+
+
+FAULT_ENV = "FEDAE_FAULT_INJECT"
+
+
+def _fault_point(name: str) -> None:
+    """Die here, as a crash would, when the environment asks (durability tests only)."""
+    if os.environ.get(FAULT_ENV) == name:
+        logger.error("fault injected at %r: exiting without a reply", name)
+        os._exit(70)
+
+
+def _sigma_within_budget(
+    config: FedaeConfig,
+    num_examples: int,
+    server_round: int,
+    history: list[privacy.TrainingEvent],
+    target_epsilon: float,
+    client_id: int,
+) -> float:
+    """This round's sigma (configured or calibrated); raises ``BudgetExhausted`` if the round would
+    take the client past ``target-epsilon`` (0: no budget)."""
+    if config.auto_noise:
+        try:
+            sigma = noise_multiplier_for(config, num_examples, server_round, history, target_epsilon)
+        except privacy.CalibrationError as err:
+            current = privacy.cumulative_epsilon(history, config.delta, config.accountant)
+            raise privacy.BudgetExhausted(
+                client_id, current, float("inf"), target_epsilon, config.delta, str(err)
+            ) from err
+        logger.debug("client %d round %d: calibrated noise multiplier %.4f", client_id, server_round, sigma)
+    else:
+        sigma = float(config.noise_multiplier)
+    if target_epsilon > 0:
+        planned = planned_event(config, num_examples, server_round, sigma)
+        projected = privacy.cumulative_epsilon([*history, planned], config.delta, config.accountant)
+        if projected > target_epsilon:
+            current = privacy.cumulative_epsilon(history, config.delta, config.accountant)
+            raise privacy.BudgetExhausted(client_id, current, projected, target_epsilon, config.delta)
+    return sigma
 
 
 def evaluate_client(

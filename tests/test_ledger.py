@@ -1,5 +1,6 @@
 """The durable privacy ledger: append-only, crash-safe, never silently reset."""
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -244,3 +245,69 @@ def test_auto_noise_spends_the_budget_evenly_and_ends_at_the_target(tmp_path) ->
     assert sigmas[0] == pytest.approx(sigmas[1], rel=1e-3) == pytest.approx(sigmas[2], rel=1e-3)
     assert [e.noise_multiplier for e in events] == sigmas  # the ledger holds the sigma actually used
     assert outcomes[-1].epsilon <= 2.0 and outcomes[-1].epsilon == pytest.approx(2.0, rel=0.01)
+
+
+def test_a_client_killed_after_training_before_replying_keeps_its_charge(tmp_path) -> None:
+    # The client process dies after training, before its reply leaves (fault hook); a restarted client
+    # finds the charge and composes on top of it.
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from tests.test_ledger import _wdbc_client;"
+        "from shared.ledger import PrivacyLedger, ledger_path;"
+        "from shared.task import train_client;"
+        "config, spec, scaler, weights, _ = _wdbc_client(0, target_epsilon=0.0);"
+        "ledger = PrivacyLedger(ledger_path(sys.argv[2], 0));"
+        "train_client(config, spec, scaler, weights, 0, int(sys.argv[3]), ledger, 'run');"
+        "print('replied')"
+    )
+    env = {**os.environ, "FEDAE_FAULT_INJECT": "trained"}
+    crashed = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), str(tmp_path), "1"], capture_output=True, env=env, text=True
+    )
+    assert crashed.returncode == 70 and "replied" not in crashed.stdout
+    restarted = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), str(tmp_path), "2"], capture_output=True, text=True
+    )
+    assert restarted.returncode == 0 and "replied" in restarted.stdout, restarted.stderr[-2000:]
+    with PrivacyLedger(ledger_path(tmp_path, 0), create=False) as ledger:
+        assert [e.round for e in ledger.events()] == [1, 2]
+
+
+def test_concurrent_charges_cannot_pass_the_budget_together(tmp_path) -> None:
+    # Two runs training one site at the same moment, with room for one more round: one is charged, the
+    # other sees that charge and refuses. The first one's check is slow, to make the race real.
+    import threading
+    import time
+
+    from shared import privacy
+
+    path = tmp_path / "l.sqlite"
+    PrivacyLedger(path).close()
+    one, two = (cumulative_epsilon([event(1).training_event()] * k, 1e-5) for k in (1, 2))
+    budget = (one + two) / 2  # one event fits, two do not
+    outcomes: dict[str, str] = {}
+
+    def run(name: str, pause: float) -> None:
+        def plan(history: list[LedgerEvent]) -> LedgerEvent:
+            time.sleep(pause)
+            planned = event(len(history) + 1)
+            events = [e.training_event() for e in [*history, planned]]
+            if cumulative_epsilon(events, 1e-5) > budget:
+                raise privacy.BudgetExhausted(0, 0.0, 0.0, budget, 1e-5)
+            return planned
+
+        with PrivacyLedger(path) as ledger:
+            try:
+                ledger.charge(plan)
+                outcomes[name] = "charged"
+            except privacy.BudgetExhausted:
+                outcomes[name] = "refused"
+
+    slow = threading.Thread(target=run, args=("slow", 0.5))
+    slow.start()
+    time.sleep(0.1)
+    run("fast", 0.0)
+    slow.join()
+    assert sorted(outcomes.values()) == ["charged", "refused"]
+    with PrivacyLedger(path, create=False) as ledger:
+        assert len(ledger.events()) == 1
