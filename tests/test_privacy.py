@@ -150,3 +150,18 @@ def test_auto_noise_counts_what_the_ledger_already_spent() -> None:
         calibrate_noise_multiplier(spent, plan, 3.0, 1e-5)
     with pytest.raises(CalibrationError, match="even noise-multiplier 100"):
         calibrate_noise_multiplier([], _plan(600, 600, 100000), 0.01, 1e-5)
+
+
+def test_the_audit_recomputes_client_level_epsilon_and_flags_a_wrong_one() -> None:
+    from shared.audit import audit_client_level
+
+    assert audit_client_level({"enabled": False}) is None
+    stated = {"enabled": True, "releases": 3, "noise_multiplier": 2.0, "delta": 1e-5, "statement": "s"}
+    import dp_accounting
+    from dp_accounting import rdp
+
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(2.0), 3)
+    truth = accountant.get_epsilon(1e-5)
+    assert audit_client_level({**stated, "epsilon": truth})["matches_run"]
+    assert not audit_client_level({**stated, "epsilon": truth / 2})["matches_run"]

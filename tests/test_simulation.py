@@ -174,6 +174,14 @@ def test_client_level_dp_is_reported_beside_sample_level_and_its_budget_ends_the
     assert all(s > 0 for s in sigmas.values())
     report = (tmp_path / "cdp" / "report.md").read_text()
     assert "### Client-level DP" in report and "one whole client" in report
+    # The audit recomputes the client-level figure from the stated mechanism, apart from the ledgers.
+    from fedae.cli import main
+    from shared.audit import audit_run
+
+    audit = audit_run(tmp_path / "cdp")
+    assert audit["client_level"]["matches_run"] and audit["matches_run"]
+    assert audit["client_level"]["epsilon"] == pytest.approx(cl["epsilon"], rel=0.02)
+    assert main(["privacy", "audit", str(tmp_path / "cdp")]) == 0
 
 
 def test_server_side_adaptive_clipping_is_accounted_like_fixed(tmp_path) -> None:
