@@ -2,8 +2,8 @@
 
 The client's privacy ledger is an SQLite file on the client's side (``shared.ledger``), at
 ``<state-dir>/client-<partition-id>/``; a site's node config may set its own ``state-dir``. Every
-training is recorded there before the reply with the new weights is built, and the epsilon it reports
-composes every event recorded for the same data.
+training is charged there before it runs (so before any weights leave), and the epsilon it reports
+composes every event in its ledger (all rounds, all runs).
 
 The same handlers serve both aggregation paths: plain messages, and the SecAgg+ path's legacy content
 (``client/secure.py``), where Flower's ``secaggplus_mod`` masks the weights this handler returns.
@@ -17,9 +17,11 @@ load_tensorflow()  # flwr imports TensorFlow itself; load it first, quietly and 
 
 # isort: split
 
+import math
+
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.secure import (
@@ -30,8 +32,9 @@ from client.secure import (
     read_instructions,
     secaggplus_when_asked,
 )
+from shared.config import FedaeConfig
 from shared.ledger import PrivacyLedger, ledger_path
-from shared.privacy import BUDGET_EXHAUSTED, BudgetExhausted
+from shared.privacy import PrivacyRefusal
 from shared.setup import SECAGG_CLIPPED, UNIT_WEIGHT, decode_setup
 from shared.task import evaluate_client, train_client
 
@@ -55,6 +58,21 @@ def _state_dir(config_state_dir: str, context: Context) -> str:
     return state_dir
 
 
+def _site_budget(config: FedaeConfig, context: Context) -> float:
+    """The site's own target-epsilon (node config) or the run's; a bad value refuses the round."""
+    raw = context.node_config.get("target-epsilon", config.target_epsilon)
+    try:
+        budget = float(raw)
+    except (TypeError, ValueError):
+        budget = float("nan")
+    if not (math.isfinite(budget) and budget >= 0) or (config.auto_noise and budget == 0):
+        raise PrivacyRefusal(
+            f"client-id={_client_id(context)}: node config target-epsilon must be a number >= 0"
+            f"{' and > 0 with noise-multiplier auto' if config.auto_noise else ''}, got {raw!r}"
+        )
+    return budget
+
+
 def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's client-side clipping mod for the run's ``client-dp`` mode, and nothing otherwise.
 
@@ -65,8 +83,6 @@ def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
     mode = str(config.get("client-dp", "none")) if config is not None else "none"
     if mode == "client-fixed":
         return fixedclipping_mod(msg, context, call_next)
-    if mode == "client-adaptive":
-        return adaptiveclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 
 
@@ -75,8 +91,8 @@ def train(msg: Message, context: Context) -> Message:
     weights, setup_values = read_instructions(msg)
     config, spec, scaler = decode_setup(setup_values)
     client_id = _client_id(context)
-    budget = float(context.node_config.get("target-epsilon", config.target_epsilon))
     try:
+        budget = _site_budget(config, context)
         with PrivacyLedger(ledger_path(_state_dir(config.state_dir, context), client_id)) as ledger:
             outcome = train_client(
                 config,
@@ -89,8 +105,8 @@ def train(msg: Message, context: Context) -> Message:
                 str(context.run_id),
                 target_epsilon=budget,
             )
-    except BudgetExhausted as exhausted:
-        return Message(error=Error(code=BUDGET_EXHAUSTED, reason=str(exhausted)), reply_to=msg)
+    except PrivacyRefusal as refusal:
+        return Message(error=Error(code=refusal.code, reason=str(refusal)), reply_to=msg)
     metrics = {
         "train-loss": outcome.train_loss,
         "num-examples": outcome.num_examples,

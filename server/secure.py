@@ -33,7 +33,7 @@ from server.rounds import RoundBook
 from server.strategy import RoundRecorder, client_ids
 from shared import pipeline
 from shared.config import check_combinations, clients_per_round
-from shared.privacy import BUDGET_EXHAUSTED
+from shared.privacy import REFUSAL_CODES
 from shared.setup import SECAGG_CLIPPED, encode_setup
 
 logger = logging.getLogger("fedae.server")
@@ -76,7 +76,7 @@ class RoundWatch:
             server_round = int(reply.metadata.group_id or 0)
             if reply.has_error():
                 self.errors[server_round] += 1
-                if reply.error.code == BUDGET_EXHAUSTED:
+                if reply.error.code in REFUSAL_CODES:
                     self.exhausted[reply.metadata.src_node_id] = reply.error.reason
                     logger.warning(
                         "round %d: %s; excluded from later rounds", server_round, reply.error.reason

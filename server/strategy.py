@@ -14,7 +14,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from server import client_dp
 from shared.config import FedaeConfig
-from shared.privacy import BUDGET_EXHAUSTED
+from shared.privacy import REFUSAL_CODES
 from shared.setup import UNIT_WEIGHT
 
 logger = logging.getLogger("fedae.server")
@@ -94,17 +94,19 @@ def build_strategy(config: FedaeConfig, recorder: RoundRecorder, num_clients: in
         base, extra = FedAdam, {"eta": config.server_learning_rate, "eta_l": config.learning_rate}
     elif config.strategy == "fedprox":
         base, extra = FedProx, {"proximal_mu": config.proximal_mu}
+    mixin = {"min_clients": minimum, "recorder": recorder}
     if not config.client_dp_enabled:
-        cls = type(f"BudgetAware{base.__name__}", (ExcludeExhausted, base), {"min_clients": minimum})
+        cls = type(f"BudgetAware{base.__name__}", (ExcludeExhausted, base), mixin)
         return cls(**common, **extra)
     # Flower's accounted wrappers need the inner strategy's own FedAvg aggregation, equally weighted:
-    # the budget filter goes around the wrapper instead, and every client reports weight 1.
+    # the budget filter goes around the wrapper instead, and every client reports weight 1. A fraction
+    # this small makes Flower sample exactly min-train-nodes (= the m the noise is calibrated to),
+    # however many nodes are connected.
+    common["fraction_train"] = 1e-9
     inner = base(**common, **extra, weighted_by_key=UNIT_WEIGHT)
     wrapper = client_dp.wrapper_class(config)
-    cls = type(f"BudgetAware{wrapper.__name__}", (ExcludeExhausted, wrapper), {"min_clients": minimum})
-    strategy = cls(inner, **client_dp.wrapper_arguments(config, num_clients))
-    client_dp.attach_accountant(strategy, config, num_clients)
-    return strategy
+    cls = type(f"BudgetAware{wrapper.__name__}", (ExcludeExhausted, wrapper), mixin)
+    return cls(inner, **client_dp.wrapper_arguments(config, num_clients))
 
 
 class TooFewClients(RuntimeError):
@@ -132,6 +134,7 @@ class ExcludeExhausted:
     """
 
     min_clients: int = 1
+    recorder: RoundRecorder | None = None
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
@@ -168,9 +171,13 @@ class ExcludeExhausted:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[object, object]:
         replies = list(replies)
         for reply in replies:
-            if reply.has_error() and reply.error.code == BUDGET_EXHAUSTED:
+            if reply.has_error() and reply.error.code in REFUSAL_CODES:
                 self.exhausted[reply.metadata.src_node_id] = reply.error.reason
                 logger.warning("round %d: %s; excluded from later rounds", server_round, reply.error.reason)
+            elif not reply.has_error() and self.recorder is not None:
+                # Record who trained (and spent privacy) even when the strategy then declines to
+                # aggregate: Flower's DP wrappers skip a round with any error reply, metrics included.
+                self.recorder.record(self.recorder.train, server_round, dict(reply.content["metrics"]))
         return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
     def exhausted_clients(self) -> list[int]:

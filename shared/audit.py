@@ -76,6 +76,12 @@ def audit_run(run_dir: str | Path) -> dict[str, Any]:
         if not events:
             raise DataError(f"client {client}'s ledger holds no event", path=str(path))
         training = [e.training_event() for e in events]
+        if len({e.sampling for e in training}) > 1:
+            raise DataError(
+                f"client {client}'s ledger mixes Poisson and shuffled events: their bounds hold for "
+                "different neighbouring relations, so no epsilon can be stated for it",
+                path=str(path),
+            )
         rdp = cumulative_epsilon(training, delta, "rdp")
         pld = cumulative_epsilon(training, delta, "pld")
         epsilon = rdp if accountant == "rdp" else pld
@@ -198,6 +204,14 @@ def check_empirical_inputs(run_dir: str | Path) -> None:
     if "run_config" not in summary:
         raise DataError(
             "summary.json has no run_config: the run's data cannot be regenerated", path=str(run_dir)
+        )
+    if summary["run_config"].get("sampling", "poisson") != "poisson":
+        # The attacks test adding or removing one example (the canary training changes n); a shuffled
+        # run's bound is for replacing one: the two figures would not be about the same guarantee.
+        raise DataError(
+            "the empirical audit compares add/remove-one lower bounds with the accountant's bound; this "
+            "run used shuffled batches, whose bound is replace-one: not comparable, so not run",
+            path=str(run_dir),
         )
     missing = [n for n in ("model.keras", "preprocessing.json") if not (run_dir / "bundle" / n).is_file()]
     if missing:

@@ -338,6 +338,15 @@ def _client_dp_rule(config: Any, num_clients: int | None) -> list[str]:
     if config.client_dp == "none":
         return []
     problems = []
+    if config.client_dp.endswith("-adaptive"):
+        # Flower 1.42's adaptive wrappers noise the update at the *next* round's clipping norm, add the
+        # count noise to the un-centred clipped count and aggregate short rounds: no accountant, Flower's
+        # or ours, can state what they deliver. Refused rather than reported with a wrong epsilon.
+        problems.append(
+            f"client-dp {config.client_dp!r} is not supported: Flower 1.42's adaptive-clipping wrappers "
+            "add the update noise at the next round's clipping norm and aggregate rounds with missing "
+            "replies, so their client-level epsilon cannot be stated; use server-fixed or client-fixed"
+        )
     if config.strategy == "fedadam":
         problems.append(
             "client-dp needs FedAvg-style aggregation (strategy fedavg or fedprox): Flower's "

@@ -106,7 +106,7 @@ def composed_event(events: Iterable[TrainingEvent]) -> dp_accounting.DpEvent:
 
 
 # Calibration searches sigma in this range; above the top, training would be noise and nothing else.
-MAX_CALIBRATED_SIGMA = 100.0
+MIN_CALIBRATED_SIGMA, MAX_CALIBRATED_SIGMA = 0.05, 100.0
 
 
 class CalibrationError(ValueError):
@@ -138,6 +138,8 @@ def calibrate_noise_multiplier(
     def event(sigma: float) -> dp_accounting.DpEvent:
         return composed_event([*history, *plan(sigma)])
 
+    if cumulative_epsilon([*history, *plan(MIN_CALIBRATED_SIGMA)], delta, accountant) <= target_epsilon:
+        return MIN_CALIBRATED_SIGMA  # a budget this loose is met by any sigma in the search range
     if cumulative_epsilon([*history, *plan(MAX_CALIBRATED_SIGMA)], delta, accountant) > target_epsilon:
         raise CalibrationError(
             f"even noise-multiplier {MAX_CALIBRATED_SIGMA:g} would exceed target-epsilon {target_epsilon:g} "
@@ -149,7 +151,20 @@ def calibrate_noise_multiplier(
             dp_accounting.calibrate_dp_mechanism(make, event, target_epsilon, delta, bracket, tol=tol)
         )
 
-    start = dp_accounting.LowerEndpointAndGuess(0.05, 1.0)
+    start = dp_accounting.LowerEndpointAndGuess(MIN_CALIBRATED_SIGMA, 1.0)
+    try:
+        sigma = _search_sigma(search, start, accountant)
+    except dp_accounting.mechanism_calibration.NoBracketIntervalFoundError as err:
+        raise CalibrationError(
+            f"no noise multiplier reaches target-epsilon {target_epsilon:g} ({err})"
+        ) from err
+    # Brent's method stops within tol of the crossing, on either side: step up until the bound holds.
+    while cumulative_epsilon([*history, *plan(sigma)], delta, accountant) > target_epsilon:
+        sigma *= 1.0 + 1e-4
+    return sigma
+
+
+def _search_sigma(search: Callable[..., float], start: Any, accountant: str) -> float:
     if accountant == "pld":
         # A fine PLD grid is slow for the small sigmas a search visits; coarse grids are still valid
         # (pessimistic) bounds. Bracket with a coarse grid, refine near it, verify with the real one.
@@ -159,19 +174,30 @@ def calibrate_noise_multiplier(
             sigma = search(lambda: pld.PLDAccountant(value_discretization_interval=1e-3), bracket, 1e-4)
         except ValueError:  # no crossing inside the bracket: keep the coarse figure, verified below
             sigma = coarse
-    else:
-        sigma = search(lambda: _accountant(accountant), start, 1e-4)
-    # Brent's method stops within tol of the crossing, on either side: step up until the bound holds.
-    while cumulative_epsilon([*history, *plan(sigma)], delta, accountant) > target_epsilon:
-        sigma *= 1.0 + 1e-4
-    return sigma
+        return sigma
+    return search(lambda: _accountant(accountant), start, 1e-4)
 
 
 BUDGET_EXHAUSTED = 4201  # error code of a client's "budget exhausted" reply
+CANNOT_ACCOUNT = 4202  # error code of a client that cannot state a valid bound for this round
+REFUSAL_CODES = (BUDGET_EXHAUSTED, CANNOT_ACCOUNT)  # the server drops such a client from later rounds
 
 
-class BudgetExhausted(Exception):
+class PrivacyRefusal(Exception):
+    """A client does not train this round, for a privacy reason it states; it will not later either."""
+
+    code = CANNOT_ACCOUNT
+
+
+class IncompatibleLedger(PrivacyRefusal):
+    """The ledger holds events whose bound cannot compose with this round's (or the site's settings are
+    invalid): training would leave the client with no valid epsilon."""
+
+
+class BudgetExhausted(PrivacyRefusal):
     """Training this round would take a client's cumulative epsilon past its budget."""
+
+    code = BUDGET_EXHAUSTED
 
     def __init__(
         self, client_id: int, current: float, projected: float, budget: float, delta: float, why: str = ""

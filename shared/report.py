@@ -140,8 +140,8 @@ def _client_level_lines(client_level: dict[str, Any]) -> list[str]:
         "### Client-level DP",
         "",
         f"epsilon = {_fmt(client_level['epsilon'], 3)}: {client_level['statement']}.",
-        f"Noise multiplier {client_level['noise_multiplier']:g}, clipping norm {client_level['clip']:g} "
-        f"(final {client_level['final_clip']:.4g}), {client_level['clients_per_round']} of "
+        f"Noise multiplier {client_level['noise_multiplier']:g}, clipping norm {client_level['clip']:g}, "
+        f"{client_level['clients_per_round']} of "
         f"{client_level['population']} clients per round. This figure is about one whole client; the "
         "sample-level figures above are about one example of a client's data.",
     ]

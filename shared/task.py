@@ -13,6 +13,7 @@ import numpy as np
 
 from shared import privacy
 from shared.config import FedaeConfig
+from shared.data.errors import TrainingDataError
 from shared.data.sources import ClientData, DataSpec, load_client_data
 from shared.ledger import LedgerEvent, PrivacyLedger, dataset_fingerprint
 from shared.models import ModelSpec
@@ -134,6 +135,11 @@ def train_client(
     data = client_data(config, client_id)
     target_epsilon = config.target_epsilon if target_epsilon is None else target_epsilon
     sigma, charged, history = 0.0, None, []
+    if data.num_examples < config.batch_size:  # before any charge: a clear message, nothing spent
+        raise TrainingDataError(
+            f"client {client_id}: {data.num_examples} training rows is fewer than batch-size "
+            f"{config.batch_size}; lower batch-size or give this client more data"
+        )
     if config.dp_enabled:
         privacy.check_delta(config.delta, data.num_examples)
         fingerprint = dataset_fingerprint(data.x_train)
@@ -143,6 +149,16 @@ def train_client(
             # or slightly edited copy of a site's data is still mostly the same people, so starting it
             # from zero would under-report. The fingerprint is kept with each event for the audit trail.
             past = [e.training_event() for e in recorded]
+            other = sorted({e.sampling for e in past} - {config.sampling})
+            if other:
+                # Poisson events are bounded for add/remove-one, shuffled ones for replace-one: their
+                # composition holds under neither relation, so no epsilon could be stated.
+                raise privacy.IncompatibleLedger(
+                    f"client-id={client_id}: its ledger holds {other[0]}-sampling events and this run uses "
+                    f"sampling {config.sampling!r}; their bounds hold for different neighbouring relations "
+                    "and cannot be composed. Use the same sampling as before, or a new state-dir for "
+                    "data that was never trained on"
+                )
             sigma = _sigma_within_budget(
                 config, data.num_examples, server_round, past, target_epsilon, client_id
             )

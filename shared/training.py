@@ -125,6 +125,7 @@ class LocalTrainer:
             reduce_retracing=True,
         )
         grad_sigs = [tf.TensorSpec(v.shape, v.dtype) for v in self.model.trainable_variables]
+        self._noisy_mean = tf.function(self._noisy_mean_impl, input_signature=[grad_sigs])
         self._apply_noisy = tf.function(self._apply_noisy_impl, input_signature=[grad_sigs])
         self._plain_step = tf.function(
             self._plain_step_impl, input_signature=[x_sig, idx_sig, w_sig], jit_compile=jit
@@ -203,12 +204,17 @@ class LocalTrainer:
             losses = self.loss_fn(targets, self.model(inputs, training=False))
         return grads, tf.reduce_sum(losses * weights)
 
-    def _apply_noisy_impl(self, grad_sum: list[tf.Tensor]) -> tf.Tensor:
+    def _noisy_mean_impl(self, grad_sum: list[tf.Tensor]) -> list[tf.Tensor]:
+        """Gaussian noise (std ``noise_std``) on the clipped sum, divided by the expected batch size."""
         self.trace_count += 1
         expected_batch = float(self.settings.batch_size)
-        noisy = [
+        return [
             (g + self.noise_generator.normal(tf.shape(g)) * self.noise_std) / expected_batch for g in grad_sum
         ]
+
+    def _apply_noisy_impl(self, grad_sum: list[tf.Tensor]) -> tf.Tensor:
+        self.trace_count += 1
+        noisy = self._noisy_mean(grad_sum)
         self.optimizer.apply_gradients(
             zip(self._with_proximal(noisy), self.model.trainable_variables, strict=True)
         )
@@ -236,13 +242,11 @@ class LocalTrainer:
 
     # -- public ---------------------------------------------------------------------------------------
     def dp_gradient(self, x: np.ndarray, indices: np.ndarray, noise_multiplier: float) -> list[np.ndarray]:
-        """The privatised gradient DP-SGD would apply for the batch ``indices`` (for tests and audits)."""
+        """The privatised gradient DP-SGD would apply for the batch ``indices`` (for tests and audits):
+        the same noisy-mean function ``fit`` applies."""
+        self.noise_std.assign(noise_multiplier * self.settings.l2_norm_clip)
         grad_sum = self._clipped_sum_for(tf.convert_to_tensor(x), indices)[0]
-        std = noise_multiplier * self.settings.l2_norm_clip
-        return [
-            ((g + self.noise_generator.normal(tf.shape(g), stddev=std)) / self.settings.batch_size).numpy()
-            for g in grad_sum
-        ]
+        return [g.numpy() for g in self._noisy_mean(grad_sum)]
 
     def _padded(self, chunk: np.ndarray) -> tuple[tf.Tensor, tf.Tensor]:
         idx = np.zeros(self.capacity, dtype=np.int32)

@@ -311,3 +311,37 @@ def test_concurrent_charges_cannot_pass_the_budget_together(tmp_path) -> None:
     assert sorted(outcomes.values()) == ["charged", "refused"]
     with PrivacyLedger(path, create=False) as ledger:
         assert len(ledger.events()) == 1
+
+
+def test_a_ledger_of_poisson_events_refuses_a_shuffled_round(tmp_path) -> None:
+    from shared.privacy import IncompatibleLedger
+    from shared.task import train_client
+
+    config, spec, scaler, weights, _ = _wdbc_client(0, target_epsilon=0.0)
+    with PrivacyLedger(ledger_path(tmp_path, 0)) as ledger:
+        train_client(config, spec, scaler, weights, 0, 1, ledger, "run")
+        with pytest.raises(
+            IncompatibleLedger, match="poisson-sampling events and this run uses sampling 'shuffle'"
+        ):
+            train_client(config.replace(sampling="shuffle"), spec, scaler, weights, 0, 2, ledger, "run")
+        assert len(ledger.events()) == 1  # nothing charged
+
+
+def test_a_site_budget_from_node_config_is_validated() -> None:
+    from flwr.app import Context, RecordDict
+
+    from client.app import _site_budget
+    from shared.privacy import PrivacyRefusal
+
+    def context(value: object) -> Context:
+        node_config = {"partition-id": 3} | ({} if value is None else {"target-epsilon": value})
+        return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+    assert _site_budget(FedaeConfig(target_epsilon=3.0), context(None)) == 3.0
+    assert _site_budget(FedaeConfig(), context(1.5)) == 1.5
+    assert _site_budget(FedaeConfig(), context(0.0)) == 0.0  # no budget, fixed sigma: allowed
+    for bad in (-1.0, "lots", float("nan")):
+        with pytest.raises(PrivacyRefusal, match="client-id=3: node config target-epsilon must be"):
+            _site_budget(FedaeConfig(), context(bad))
+    with pytest.raises(PrivacyRefusal, match="> 0 with noise-multiplier auto"):
+        _site_budget(FedaeConfig(noise_multiplier="auto"), context(0.0))

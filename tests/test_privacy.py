@@ -165,3 +165,15 @@ def test_the_audit_recomputes_client_level_epsilon_and_flags_a_wrong_one() -> No
     truth = accountant.get_epsilon(1e-5)
     assert audit_client_level({**stated, "epsilon": truth})["matches_run"]
     assert not audit_client_level({**stated, "epsilon": truth / 2})["matches_run"]
+
+
+def test_the_empirical_audit_refuses_a_shuffled_run(tmp_path) -> None:
+    import json
+
+    from shared.audit import check_empirical_inputs
+    from shared.data.errors import DataError
+
+    summary = {"privacy": {"dp": True}, "run_config": {"sampling": "shuffle"}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(DataError, match="shuffled batches, whose bound is replace-one"):
+        check_empirical_inputs(tmp_path)

@@ -184,22 +184,6 @@ def test_client_level_dp_is_reported_beside_sample_level_and_its_budget_ends_the
     assert main(["privacy", "audit", str(tmp_path / "cdp")]) == 0
 
 
-def test_server_side_adaptive_clipping_is_accounted_like_fixed(tmp_path) -> None:
-    z = 1.5
-    config = wdbc_config(
-        tmp_path / "adaptive",
-        num_server_rounds=2,
-        client_dp="server-adaptive",
-        client_dp_noise_multiplier=z,
-        client_dp_clip=0.05,
-    )
-    summary = simulate(config)
-    cl = summary["privacy"]["client_level"]
-    assert cl["releases"] == 2
-    assert cl["epsilon"] == pytest.approx(_client_level_epsilon(z, 2, config.delta), rel=0.02)
-    assert cl["final_clip"] != pytest.approx(0.05)  # the clipping norm adapted
-
-
 def test_secagg_plus_run_with_dp_end_to_end(tmp_path) -> None:
     config = wdbc_config(
         tmp_path / "secagg", num_clients=3, num_server_rounds=2, secure_aggregation="secagg+"
