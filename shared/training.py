@@ -14,9 +14,9 @@ of exactly B examples (the remainder sits the epoch out), steps 2-3 are the same
 by B. ``shared.privacy`` accounts that differently (no amplification by sampling, see there).
 
 Per-example gradient norms come from tensorflow-privacy's fast ("ghost") clipping
-(``clip_grads.compute_gradient_norms`` with its layer registry) when every trainable layer is
-registered (Dense models: dense autoencoder and VAE); otherwise from exact per-example gradients with
-``tf.vectorized_map`` (the conv autoencoder: the registry has no Conv2D function). Both give the same
+(``clip_grads.compute_gradient_norms`` with its layer registry, extended with fedae's Conv2D and
+Conv2DTranspose functions in ``shared.conv_norms``) when every trainable layer is registered (all three
+model kinds); otherwise from exact per-example gradients with ``tf.vectorized_map``. Both give the same
 clipped sum; only the speed differs. Batches are padded to a fixed size with zero-weight rows, so shapes
 never change and nothing retraces; zero-weight rows contribute exactly zero.
 
@@ -43,10 +43,17 @@ from tensorflow_privacy.privacy.fast_gradient_clipping import (
     layer_registry,
 )
 
+from shared import conv_norms
 from shared.data.errors import TrainingDataError
 from shared.models import ModelSpec, build_model, per_example_loss
 
 SAMPLINGS = ("poisson", "shuffle")
+# Measured with benchmarks/dp_overhead.py on CPU (docs/BENCHMARKS.md): for the small conv autoencoder,
+# exact per-example gradients (vectorized_map) cost ~1.2x a plain epoch, fast norms plus their second
+# backward pass ~2.2x; for the dense models fast norms win by far. XLA speeds up the dense models and
+# slows CPU convolutions, so it compiles dense and VAE steps only.
+FAST_NORMS_BY_KIND = {"dense": True, "vae": True, "conv": False}
+XLA_KINDS = ("dense", "vae")
 __all__ = ["SAMPLINGS", "FitResult", "LocalTrainer", "TrainSettings", "TrainingDataError", "get_trainer"]
 logger = logging.getLogger(f"fedae.{__name__}")
 
@@ -87,7 +94,9 @@ class FitResult:
 class LocalTrainer:
     """A model plus compiled DP-SGD (or plain) training steps for one model spec and settings."""
 
-    def __init__(self, spec: ModelSpec, settings: TrainSettings) -> None:
+    def __init__(self, spec: ModelSpec, settings: TrainSettings, fast_norms: bool | None = None) -> None:
+        """``fast_norms``: registered fast norms (True) or exact per-example gradients (False); None
+        takes the faster one for the model kind as measured by benchmarks/dp_overhead.py."""
         if settings.l2_norm_clip < 0:
             raise ValueError(f"l2_norm_clip must be >= 0 (0: no DP), got {settings.l2_norm_clip}")
         self.spec = spec
@@ -97,8 +106,9 @@ class LocalTrainer:
         self.loss_fn = per_example_loss(spec)
         self.optimizer = tf.keras.optimizers.Adam(learning_rate=settings.learning_rate)
         self.optimizer.build(self.model.trainable_variables)
-        self.registry = layer_registry.make_default_layer_registry()
-        self.fast_clipping = gradient_clipping_utils.all_trainable_layers_are_registered(
+        self.registry = make_layer_registry()
+        fast_norms = FAST_NORMS_BY_KIND.get(spec.kind, True) if fast_norms is None else fast_norms
+        self.fast_clipping = fast_norms and gradient_clipping_utils.all_trainable_layers_are_registered(
             self.model, self.registry
         )
         # Padded batch capacity: expected size + 4 standard deviations of the Poisson batch size.
@@ -116,8 +126,7 @@ class LocalTrainer:
         x_sig = tf.TensorSpec((None, *spec.input_shape), tf.float32)
         idx_sig = tf.TensorSpec((self.capacity,), tf.int32)
         w_sig = tf.TensorSpec((self.capacity,), tf.float32)
-        # XLA compiles the fast (dense) path; the per-example fallback runs without it (see STACK.md).
-        jit = bool(self.fast_clipping)
+        jit = spec.kind in XLA_KINDS
         self._clipped_sum = tf.function(
             self._clipped_sum_impl,
             input_signature=[x_sig, idx_sig, w_sig],
@@ -125,11 +134,17 @@ class LocalTrainer:
             reduce_retracing=True,
         )
         grad_sigs = [tf.TensorSpec(v.shape, v.dtype) for v in self.model.trainable_variables]
-        self._noisy_mean = tf.function(self._noisy_mean_impl, input_signature=[grad_sigs])
-        self._apply_noisy = tf.function(self._apply_noisy_impl, input_signature=[grad_sigs])
-        self._plain_step = tf.function(
-            self._plain_step_impl, input_signature=[x_sig, idx_sig, w_sig], jit_compile=jit
-        )
+        self._standard_noise = tf.function(self._standard_noise_impl, input_signature=[])
+        self._noisy_mean = tf.function(self._noisy_mean_impl, input_signature=[grad_sigs, grad_sigs])
+        self._update = tf.function(self._update_impl, input_signature=[grad_sigs, grad_sigs], jit_compile=jit)
+        # Plain steps take exactly batch-size rows (only the last batch of an epoch is padded): the
+        # non-private baseline pays no Poisson capacity.
+        plain_sig = [
+            x_sig,
+            tf.TensorSpec((settings.batch_size,), tf.int32),
+            tf.TensorSpec((settings.batch_size,), tf.float32),
+        ]
+        self._plain_step = tf.function(self._plain_step_impl, input_signature=plain_sig, jit_compile=jit)
         self._initial_optimizer_state = [v.numpy() for v in self.optimizer.variables()]
         logger.debug(
             "trainer for %s: fast clipping %s, capacity %d", spec.kind, self.fast_clipping, self.capacity
@@ -204,21 +219,29 @@ class LocalTrainer:
             losses = self.loss_fn(targets, self.model(inputs, training=False))
         return grads, tf.reduce_sum(losses * weights)
 
-    def _noisy_mean_impl(self, grad_sum: list[tf.Tensor]) -> list[tf.Tensor]:
-        """Gaussian noise (std ``noise_std``) on the clipped sum, divided by the expected batch size."""
+    def _standard_noise_impl(self) -> list[tf.Tensor]:
+        """One N(0, 1) draw per weight, never XLA-compiled: XLA's CPU Gaussian sampler is about twice as
+        slow as TensorFlow's own (5.6 vs 3.0 ms for the dense AE's 437,664 weights), and on CPU this
+        draw is the largest cost of a DP step."""
         self.trace_count += 1
-        expected_batch = float(self.settings.batch_size)
-        return [
-            (g + self.noise_generator.normal(tf.shape(g)) * self.noise_std) / expected_batch for g in grad_sum
-        ]
+        return [self.noise_generator.normal(tf.shape(v)) for v in self.model.trainable_variables]
 
-    def _apply_noisy_impl(self, grad_sum: list[tf.Tensor]) -> tf.Tensor:
+    def _noisy_mean_impl(self, grad_sum: list[tf.Tensor], noise: list[tf.Tensor]) -> list[tf.Tensor]:
+        """Gaussian noise (std ``noise_std``) on the clipped sum, divided by the expected batch size."""
+        expected_batch = float(self.settings.batch_size)
+        return [(g + z * self.noise_std) / expected_batch for g, z in zip(grad_sum, noise, strict=True)]
+
+    def _update_impl(self, grad_sum: list[tf.Tensor], noise: list[tf.Tensor]) -> tf.Tensor:
+        """Noisy mean, FedProx term and the optimizer step (fused by XLA for the dense kinds)."""
         self.trace_count += 1
-        noisy = self._noisy_mean(grad_sum)
+        noisy = self._noisy_mean_impl(grad_sum, noise)
         self.optimizer.apply_gradients(
             zip(self._with_proximal(noisy), self.model.trainable_variables, strict=True)
         )
         return tf.constant(0)
+
+    def _apply_noisy(self, grad_sum: list[tf.Tensor]) -> None:
+        self._update(grad_sum, self._standard_noise())
 
     def _with_proximal(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
         return [
@@ -246,11 +269,12 @@ class LocalTrainer:
         the same noisy-mean function ``fit`` applies."""
         self.noise_std.assign(noise_multiplier * self.settings.l2_norm_clip)
         grad_sum = self._clipped_sum_for(tf.convert_to_tensor(x), indices)[0]
-        return [g.numpy() for g in self._noisy_mean(grad_sum)]
+        return [g.numpy() for g in self._noisy_mean(grad_sum, self._standard_noise())]
 
-    def _padded(self, chunk: np.ndarray) -> tuple[tf.Tensor, tf.Tensor]:
-        idx = np.zeros(self.capacity, dtype=np.int32)
-        weights = np.zeros(self.capacity, dtype=np.float32)
+    def _padded(self, chunk: np.ndarray, size: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        size = self.capacity if size is None else size
+        idx = np.zeros(size, dtype=np.int32)
+        weights = np.zeros(size, dtype=np.float32)
         idx[: len(chunk)] = chunk
         weights[: len(chunk)] = 1.0
         return tf.constant(idx), tf.constant(weights)
@@ -311,13 +335,16 @@ class LocalTrainer:
                         indices = np.flatnonzero(rng.random(n) < q)
                     else:
                         indices = order[step * b : (step + 1) * b]  # type: ignore[index]
+                    # Not fused into one XLA-compiled step: with the Generator's draw inside XLA the
+                    # training trajectory changed (same seed, same initial weights; docs/BENCHMARKS.md)
+                    # and XLA's CPU sampler is slower. The noise is drawn outside XLA, always.
                     grads, batch_loss = self._clipped_sum_for(x_all, indices)
                     self._apply_noisy(grads)
                     loss_sum, seen, steps = loss_sum + batch_loss, seen + len(indices), steps + 1
             else:
                 order = rng.permutation(n)
                 for start in range(0, n, b):
-                    idx, weights = self._padded(order[start : start + b])
+                    idx, weights = self._padded(order[start : start + b], b)
                     loss_sum += float(self._plain_step(x_all, idx, weights))
                     seen, steps = seen + min(b, n - start), steps + 1
         return FitResult(
@@ -340,6 +367,14 @@ class LocalTrainer:
         return float(
             tf.reduce_mean(self.loss_fn(tf.convert_to_tensor(x), self.model(inputs, training=False)))
         )
+
+
+def make_layer_registry() -> layer_registry.LayerRegistry:
+    """tensorflow-privacy's registry (Dense, Embedding) plus fedae's Conv2D / Conv2DTranspose norms."""
+    registry = layer_registry.make_default_layer_registry()
+    registry.insert(tf.keras.layers.Conv2D, conv_norms.conv2d_layer_computation)
+    registry.insert(tf.keras.layers.Conv2DTranspose, conv_norms.conv2d_transpose_layer_computation)
+    return registry
 
 
 def sampling_plan(

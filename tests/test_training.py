@@ -32,15 +32,16 @@ def _norm(grads: list[np.ndarray]) -> float:
 
 
 @pytest.mark.parametrize(
-    "spec",
-    [DENSE, DENSE_ELU, VAE, CONV],
-    ids=["dense-fast", "dense-elu-fast", "vae-fast", "conv-per-example"],
+    ("spec", "fast"),
+    [(DENSE, True), (DENSE_ELU, True), (VAE, True), (CONV, True), (CONV, False), (DENSE, False)],
+    ids=["dense-fast", "dense-elu-fast", "vae-fast", "conv-fast", "conv-per-example", "dense-per-example"],
 )
-def test_clipped_sum_of_one_example_is_its_gradient_scaled_to_the_bound(spec: ModelSpec, rng) -> None:
+def test_clipped_sum_of_one_example_is_its_gradient_scaled_to_the_bound(spec: ModelSpec, fast, rng) -> None:
     # Prepare: a clip norm well below typical gradient norms, and one far above.
     x = _data(spec, 8, rng, scale=3.0)
     for clip in (1e-3, 1e6):
-        trainer = LocalTrainer(spec, TrainSettings(4, 1e-3, clip))
+        trainer = LocalTrainer(spec, TrainSettings(4, 1e-3, clip), fast_norms=fast)
+        assert trainer.fast_clipping == fast
         if spec.kind == "vae":
             # Decode the posterior mean (noise input 0) so the slow reference sees the same inputs;
             # in training both of fast clipping's passes share one noise draw.
@@ -57,10 +58,57 @@ def test_clipped_sum_of_one_example_is_its_gradient_scaled_to_the_bound(spec: Mo
                 np.testing.assert_allclose(c, t * factor, rtol=2e-3, atol=1e-7 * max(1.0, factor))
 
 
-def test_fast_clipping_path_is_taken_for_dense_models_and_not_for_conv() -> None:
-    assert LocalTrainer(DENSE, TrainSettings(4, 1e-3, 1.0)).fast_clipping
-    assert LocalTrainer(VAE, TrainSettings(4, 1e-3, 1.0)).fast_clipping
-    assert not LocalTrainer(CONV, TrainSettings(4, 1e-3, 1.0)).fast_clipping
+def test_every_model_kind_can_take_the_fast_path_and_takes_the_measured_faster_one() -> None:
+    from shared.training import FAST_NORMS_BY_KIND
+
+    for spec in (DENSE, VAE, CONV):
+        assert LocalTrainer(spec, TrainSettings(4, 1e-3, 1.0), fast_norms=True).fast_clipping
+        default = LocalTrainer(spec, TrainSettings(4, 1e-3, 1.0))
+        assert default.fast_clipping == FAST_NORMS_BY_KIND[spec.kind]
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: tf.keras.layers.Conv2D(5, 3, padding="same", activation="relu"),
+        lambda: tf.keras.layers.Conv2D(4, 3, strides=2, padding="same"),
+        lambda: tf.keras.layers.Conv2D(3, (2, 3), padding="valid", use_bias=False),
+        lambda: tf.keras.layers.Conv2D(3, 3, dilation_rate=2, padding="same", activation="tanh"),
+        lambda: tf.keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same", activation="relu"),
+        lambda: tf.keras.layers.Conv2DTranspose(3, 3, strides=2, padding="valid"),
+        lambda: tf.keras.layers.Conv2DTranspose(2, 2, strides=1, padding="same", use_bias=False),
+    ],
+    ids=[
+        "same",
+        "strided",
+        "valid-nobias",
+        "dilated",
+        "transpose-strided",
+        "transpose-valid",
+        "transpose-s1",
+    ],
+)
+def test_fast_conv_norms_equal_per_example_gradient_norms(layer, rng) -> None:
+    from shared.conv_norms import conv2d_layer_computation, conv2d_transpose_layer_computation
+
+    layer = layer()
+    x = tf.constant(rng.normal(size=(5, 8, 8, 3)).astype(np.float32))
+    target = tf.constant(rng.normal(size=layer(x).shape).astype(np.float32))
+    compute = (
+        conv2d_transpose_layer_computation
+        if isinstance(layer, tf.keras.layers.Conv2DTranspose)
+        else conv2d_layer_computation
+    )
+    with tf.GradientTape() as tape:
+        z, outputs, sqr_norm_fn = compute(layer, (x,), {}, tape)
+        loss = tf.reduce_sum(tf.square(outputs - target))
+    fast = np.sqrt(sqr_norm_fn(tape.gradient(loss, z)).numpy())
+    slow = []
+    for i in range(5):  # each example's own loss, differentiated the obvious way
+        with tf.GradientTape() as tape:
+            one = tf.reduce_sum(tf.square(layer(x[i : i + 1]) - target[i : i + 1]))
+        slow.append(_norm([g.numpy() for g in tape.gradient(one, layer.trainable_variables)]))
+    np.testing.assert_allclose(fast, slow, rtol=1e-4)
 
 
 def test_every_example_in_a_batch_is_clipped_and_padding_adds_nothing(rng) -> None:
@@ -118,7 +166,7 @@ def test_no_noise_and_huge_clip_matches_plain_training(rng) -> None:
     everything = np.arange(16)
     for _ in range(3):
         dp._apply_noisy(dp._clipped_sum_for(tf.constant(x), everything)[0])
-        plain._plain_step(tf.constant(x), *plain._padded(everything))
+        plain._plain_step(tf.constant(x), *plain._padded(everything, 16))
     for a, b in zip(dp.get_weights(), plain.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
