@@ -84,6 +84,8 @@ def write_plots(
 def _epsilon_figure(summary: dict[str, Any], plt: Any) -> Any:
     """Each client's cumulative sample-level epsilon after each round it trained in, one line per
     client, with its budget. Client-level epsilon answers another question and is never drawn here."""
+    from matplotlib.ticker import MaxNLocator
+
     p = summary["privacy"]
     fig, ax = plt.subplots(figsize=(6, 4))
     per_client = (p["sample_level"].get("per_client_over_rounds") or {}) if p["dp"] else {}
@@ -104,6 +106,7 @@ def _epsilon_figure(summary: dict[str, Any], plt: Any) -> Any:
         ax.text(0.5, 0.5, "no DP-SGD: no sample-level guarantee", ha="center", va="center")
         ax.set(title="Sample-level epsilon per client")
     ax.set(xlabel="round", ylabel="cumulative epsilon")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     return fig
 
 
