@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from shared.config import FedaeConfig
+from shared.config import FedaeConfig, clients_per_round
 
 WRAPPERS: dict[str, type[Strategy]] = {
     "server-fixed": DifferentialPrivacyServerSideFixedClipping,
@@ -40,12 +40,6 @@ WRAPPERS: dict[str, type[Strategy]] = {
 ACCOUNTANT = "Flower RdpAccountant"
 NEIGHBOURING = "add/remove one client"
 SAMPLING = "no amplification by client sampling"
-
-
-def num_sampled_clients(config: FedaeConfig, num_clients: int) -> int:
-    """Clients per round, fixed for the whole run: the noise is calibrated to it."""
-    minimum = min(config.min_available_clients, num_clients)
-    return max(int(num_clients * config.fraction_train), minimum)
 
 
 def make_accountant(config: FedaeConfig, num_clients: int) -> Any:
@@ -71,7 +65,7 @@ def wrapper_arguments(config: FedaeConfig, num_clients: int) -> dict[str, Any]:
     return dict(
         noise_multiplier=config.client_dp_noise_multiplier,
         clipping_norm=config.client_dp_clip,
-        num_sampled_clients=num_sampled_clients(config, num_clients),
+        num_sampled_clients=clients_per_round(config, num_clients),
         accountant=make_accountant(config, num_clients),
     )
 
@@ -81,7 +75,7 @@ def client_level_section(strategy: Strategy, config: FedaeConfig, num_clients: i
     if not config.client_dp_enabled:
         return {"enabled": False}
     spent = strategy.privacy_spent()  # type: ignore[attr-defined]
-    m = num_sampled_clients(config, num_clients)
+    m = clients_per_round(config, num_clients)
     return {
         "enabled": True,
         "mode": config.client_dp,

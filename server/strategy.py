@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from server import client_dp
-from shared.config import FedaeConfig
+from shared.config import FedaeConfig, clients_per_round
 from shared.privacy import REFUSAL_CODES
 from shared.setup import UNIT_WEIGHT
 
@@ -79,7 +79,7 @@ def build_strategy(config: FedaeConfig, recorder: RoundRecorder, num_clients: in
     minimum = min(config.min_available_clients, num_clients)
     if config.client_dp_enabled:
         # The noise is calibrated to a fixed number of clients per round: sample exactly that many.
-        minimum = client_dp.num_sampled_clients(config, num_clients)
+        minimum = clients_per_round(config, num_clients)
     common = dict(
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,

@@ -60,7 +60,12 @@ def _patches(t: Any, layer: Any) -> Any:
     patches = tf.image.extract_patches(
         t, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1], rates=[1, dh, dw, 1], padding=layer.padding.upper()
     )
-    return tf.reshape(patches, [tf.shape(t)[0], -1, patches.shape[-1]])
+    return _flat(patches)
+
+
+def _flat(t: Any) -> Any:
+    """(batch, positions, channels) view of a (batch, height, width, channels) tensor."""
+    return tf.reshape(t, [tf.shape(t)[0], -1, t.shape[-1]])
 
 
 def _squared_norms(left: Any, right: Any, grads: Any, use_bias: bool) -> Any:
@@ -68,9 +73,29 @@ def _squared_norms(left: Any, right: Any, grads: Any, use_bias: bool) -> Any:
     kernel = tf.einsum("bpk,bpc->bkc", left, right)
     squared = tf.reduce_sum(tf.square(kernel), axis=[1, 2])
     if use_bias:
-        flat = tf.reshape(grads, [tf.shape(grads)[0], -1, grads.shape[-1]])
-        squared += tf.reduce_sum(tf.square(tf.reduce_sum(flat, axis=1)), axis=1)
+        squared += tf.reduce_sum(tf.square(tf.reduce_sum(_flat(grads), axis=1)), axis=1)
     return squared
+
+
+def _computation(
+    layer: Any,
+    input_args: Sequence[Any],
+    input_kwargs: Mapping[str, Any],
+    tape: Any,
+    num_microbatches: Any,
+    transpose: bool,
+) -> tuple[Any, Any, Callable[[Any], Any]]:
+    """The registry contract for both layers; only which side the patches come from differs."""
+    _check(layer, input_args, input_kwargs, num_microbatches)
+    x = input_args[0]
+    z, outputs = _pre_activation(layer, x, tape)
+
+    def sqr_norm_fn(grads: Any) -> Any:
+        if transpose:  # patches of the output gradient, at the input's positions
+            return _squared_norms(_patches(grads, layer), _flat(x), grads, layer.use_bias)
+        return _squared_norms(_patches(x, layer), _flat(grads), grads, layer.use_bias)
+
+    return z, outputs, sqr_norm_fn
 
 
 def conv2d_layer_computation(
@@ -81,15 +106,7 @@ def conv2d_layer_computation(
     num_microbatches: Any = None,
 ) -> tuple[Any, Any, Callable[[Any], Any]]:
     """Registry function for ``tf.keras.layers.Conv2D``."""
-    _check(layer_instance, input_args, input_kwargs, num_microbatches)
-    x = input_args[0]
-    z, outputs = _pre_activation(layer_instance, x, tape)
-
-    def sqr_norm_fn(grads: Any) -> Any:
-        flat_grads = tf.reshape(grads, [tf.shape(grads)[0], -1, grads.shape[-1]])
-        return _squared_norms(_patches(x, layer_instance), flat_grads, grads, layer_instance.use_bias)
-
-    return z, outputs, sqr_norm_fn
+    return _computation(layer_instance, input_args, input_kwargs, tape, num_microbatches, transpose=False)
 
 
 def conv2d_transpose_layer_computation(
@@ -100,14 +117,6 @@ def conv2d_transpose_layer_computation(
     num_microbatches: Any = None,
 ) -> tuple[Any, Any, Callable[[Any], Any]]:
     """Registry function for ``tf.keras.layers.Conv2DTranspose`` (no ``output_padding``)."""
-    _check(layer_instance, input_args, input_kwargs, num_microbatches)
     if layer_instance.output_padding is not None:
         raise NotImplementedError("fast Conv2DTranspose norms do not support output_padding")
-    x = input_args[0]
-    z, outputs = _pre_activation(layer_instance, x, tape)
-
-    def sqr_norm_fn(grads: Any) -> Any:
-        flat_x = tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
-        return _squared_norms(_patches(grads, layer_instance), flat_x, grads, layer_instance.use_bias)
-
-    return z, outputs, sqr_norm_fn
+    return _computation(layer_instance, input_args, input_kwargs, tape, num_microbatches, transpose=True)

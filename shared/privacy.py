@@ -59,9 +59,6 @@ class TrainingEvent:
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
-    def dp_event(self) -> dp_accounting.DpEvent:
-        return composed_event([self])
-
 
 def _accountant(name: str) -> dp_accounting.PrivacyAccountant:
     if name == "rdp":
