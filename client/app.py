@@ -18,6 +18,7 @@ load_tensorflow()  # flwr imports TensorFlow itself; load it first, quietly and 
 # isort: split
 
 import math
+import time
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -88,6 +89,7 @@ def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
 
 @app.train(mods=[secaggplus_when_asked, client_dp_mod])
 def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     weights, setup_values = read_instructions(msg)
     config, spec, scaler = decode_setup(setup_values)
     client_id = _client_id(context)
@@ -112,6 +114,8 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": outcome.num_examples,
         "client-id": client_id,
         UNIT_WEIGHT: 1.0,  # the weight client-level DP aggregates by: every client counts the same
+        # Where a round's time goes (summary.json's timing_s): the fit alone, and this whole handler.
+        "fit-seconds": outcome.fit_seconds,
     }
     if outcome.event is not None and outcome.epsilon is not None:
         metrics |= {
@@ -120,6 +124,7 @@ def train(msg: Message, context: Context) -> Message:
             "sampling-probability": outcome.event.sampling_probability,
             "noise-multiplier": outcome.event.noise_multiplier,
         }
+    metrics["handler-seconds"] = time.perf_counter() - started
     if is_legacy(msg):
         # SecAgg+: the mod masks these weights before they leave; the event is already in the ledger.
         metrics[SECAGG_CLIPPED] = clipped_count(outcome.weights, outcome.num_examples, config)

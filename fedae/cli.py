@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", metavar="RUN_DIR", help="output folder (default runs/<timestamp>-<scenario>)")
     sim.add_argument("--cpus-per-client", type=int, help="CPUs per simulation worker (default 2)")
     sim.add_argument("--gpus-per-client", type=float, help="GPU share per worker (default 0.25 with a GPU)")
+    sim.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip the central reference models (they pool every client's data: slow for many clients)",
+    )
     sim.add_argument("--json", action="store_true", help="print the summary as JSON")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and TensorFlow's own logs")
 
@@ -101,6 +106,7 @@ def _simulate(args: argparse.Namespace) -> int:
         cpus_per_client=args.cpus_per_client,
         gpus_per_client=args.gpus_per_client,
         verbose=args.verbose,
+        compare_baselines=not args.no_baselines,
     )
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -49,6 +49,7 @@ class RoundBook:
             "eval_loss": _weighted(held_out, "eval-loss"),
             "calibration_loss": loss,
             "max_epsilon": max(epsilons) if epsilons else None,
+            "timing_s": self.recorder.round_timing(server_round),
         }
         self.rows.append(row)
         logger.info(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,6 +30,10 @@ class RoundRecorder:
     # Flower calls evaluate_fn(r) at the end of round r (and r = 0 before training), so the
     # aggregations that follow belong to round r + 1.
     current_round: int = 1
+    # When the current round began and when its train / evaluate replies were all in (perf_counter):
+    # where a round's wall time goes, for summary.json and benchmarks/simulation_scale.py.
+    round_started: float = field(default_factory=time.perf_counter)
+    phase_ended: dict[str, float] = field(default_factory=dict)
 
     def _capture(
         self, store: dict[int, dict[int, dict[str, float]]], contents: list[RecordDict], weight_key: str
@@ -47,6 +52,8 @@ class RoundRecorder:
             "steps",
             "sampling-probability",
             "noise-multiplier",
+            "fit-seconds",
+            "handler-seconds",
             UNIT_WEIGHT,
         }:
             values = [(float(m[key]), float(m[weight_key])) for m in rows if key in m]
@@ -64,13 +71,40 @@ class RoundRecorder:
         store[server_round][int(metrics["client-id"])] = {k: float(v) for k, v in metrics.items()}
 
     def aggregate_train(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
+        self.phase_ended["train"] = time.perf_counter()
         return self._capture(self.train, contents, weight_key)
 
     def aggregate_evaluate(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
+        self.phase_ended["evaluate"] = time.perf_counter()
         return self._capture(self.evaluate, contents, weight_key)
+
+    def round_timing(self, server_round: int) -> dict[str, float | None]:
+        """Seconds of the round so far: whole, until all train replies, then evaluate, then the server's
+        own work; and the clients' summed fit and handler times (one worker runs them one by one)."""
+        now = time.perf_counter()
+        train_end, eval_end = self.phase_ended.get("train"), self.phase_ended.get("evaluate")
+        replies = self.train.get(server_round, {}).values()
+
+        def total(key: str) -> float | None:
+            values = [m[key] for m in replies if key in m]
+            return round(sum(values), 4) if values else None
+
+        def span(start: float | None, end: float | None) -> float | None:
+            return round(end - start, 4) if start is not None and end is not None else None
+
+        return {
+            "round": span(self.round_started, now),
+            "train": span(self.round_started, train_end),
+            "evaluate": span(train_end, eval_end),
+            "server": span(eval_end or train_end, now),
+            "clients_fit_sum": total("fit-seconds"),
+            "clients_handler_sum": total("handler-seconds"),
+        }
 
     def end_round(self, server_round: int) -> None:
         self.current_round = server_round + 1
+        self.round_started = time.perf_counter()
+        self.phase_ended.clear()
 
 
 def build_strategy(config: FedaeConfig, recorder: RoundRecorder, num_clients: int) -> Strategy:

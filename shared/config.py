@@ -88,6 +88,9 @@ class FedaeConfig:
     partition: str = "natural"
     dirichlet_alpha: float = 0.5
     num_clients: int = 5
+    # fleet scenario: normal rows generated per site (15 % of them are the client's held-out part). Lower
+    # it as num-clients grows to simulate many small sites with the same total data.
+    rows_per_site: int = 4000
     seed: int = 42
     normal_classes: str = ""
     data_dir: str = ""
@@ -166,7 +169,14 @@ class FedaeConfig:
         _choice("partition", self.partition, PARTITIONS)
         _choice("sampling", self.sampling, SAMPLINGS)
         _choice("client-dp", self.client_dp, CLIENT_DP)
-        for name in ("num_server_rounds", "latent_dim", "local_epochs", "batch_size", "num_clients"):
+        for name in (
+            "num_server_rounds",
+            "latent_dim",
+            "local_epochs",
+            "batch_size",
+            "num_clients",
+            "rows_per_site",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_key(name)} must be >= 1, got {getattr(self, name)}")
         if self.min_available_clients < 1:

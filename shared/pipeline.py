@@ -96,8 +96,9 @@ def privacy_section(config: FedaeConfig, record: PrivacyRecord) -> dict[str, Any
         "l2_norm_clip": config.l2_norm_clip,
         "not_covered": (
             "per-round scalar metrics each client reports (training loss, held-out loss, evaluation "
-            "AUC where it has labels, example count) are sent in the clear and are outside the DP "
-            "guarantee; each client's example count n is treated as public"
+            "AUC where it has labels, example count, seconds spent on the fit and the round) are sent in "
+            "the clear and are outside the DP guarantee; each client's example count n is treated as "
+            "public"
         )
         if dp
         else None,

@@ -9,6 +9,9 @@ from typing import Any
 
 import numpy as np
 
+# Above this many clients the report lists the worst ones and the plot draws points, not one line each.
+MANY_CLIENTS = 20
+
 
 def _clean(value: Any) -> Any:
     """JSON with ``null`` for NaN (JSON has no NaN), numpy scalars as Python numbers."""
@@ -89,7 +92,17 @@ def _epsilon_figure(summary: dict[str, Any], plt: Any) -> Any:
     p = summary["privacy"]
     fig, ax = plt.subplots(figsize=(6, 4))
     per_client = (p["sample_level"].get("per_client_over_rounds") or {}) if p["dp"] else {}
-    if per_client:
+    if per_client and len(per_client) > MANY_CLIENTS:
+        # Hundreds of lines would be unreadable (and slow to draw): every client's points, and the
+        # worst client's epsilon after each round as the line that matters for the guarantee.
+        points = [(int(r), e) for rounds in per_client.values() for r, e in rounds.items()]
+        ax.scatter(*zip(*points, strict=True), s=6, alpha=0.3, label=f"{len(per_client)} clients")
+        worst = [
+            (r["round"], r["max_epsilon"]) for r in summary["rounds"] if r.get("max_epsilon") is not None
+        ]
+        if worst:
+            ax.plot(*zip(*worst, strict=True), color="C3", marker="o", markersize=3, label="worst client")
+    elif per_client:
         for client, rounds in sorted(per_client.items(), key=lambda kv: int(kv[0])):
             xs = [int(r) for r in rounds]
             ax.plot(xs, list(rounds.values()), marker="o", markersize=3, label=f"client {client}")
@@ -100,7 +113,7 @@ def _epsilon_figure(summary: dict[str, Any], plt: Any) -> Any:
             title=f"Sample-level epsilon per client (delta={p['delta']:g}, {p['accountant']}, "
             f"{p['sampling']})"
         )
-        if len(per_client) <= 12:
+        if len(per_client) <= 12 or len(per_client) > MANY_CLIENTS:
             ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no DP-SGD: no sample-level guarantee", ha="center", va="center")
@@ -123,6 +136,32 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _seconds(row: dict[str, Any], key: str) -> str:
+    value = (row.get("timing_s") or {}).get(key)
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _client_epsilon_lines(per_client: dict[str, float | None], sigmas: dict[str, float]) -> list[str]:
+    """One line per client; with many clients the worst ones and the median (all in summary.json)."""
+    ordered = sorted(per_client.items(), key=lambda kv: int(kv[0]))
+    if len(ordered) > MANY_CLIENTS:
+        known = sorted((e, c) for c, e in ordered if e is not None)
+        ordered = [(c, e) for e, c in reversed(known[-10:])]
+        median = float(np.median([e for e, _ in known])) if known else None
+        header = [
+            f"- median client: epsilon = {_fmt(median, 3)} over {len(known)} clients that trained; the "
+            f"{len(ordered)} highest below (every client: `privacy.sample_level.per_client` in "
+            "summary.json)"
+        ]
+    else:
+        header = []
+    return header + [
+        f"- client {cid}: epsilon = {_fmt(eps, 3)}"
+        + (f", noise multiplier {sigmas[cid]:.4g}" if cid in sigmas else "")
+        for cid, eps in ordered
+    ]
 
 
 def _budget_line(budget: dict[str, Any]) -> str:
@@ -180,11 +219,7 @@ def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Pa
             f"DP-SGD on every client. {p['statement']}.",
             "",
             f"- worst client: epsilon = {_fmt(p['sample_level']['max_epsilon'], 3)}",
-            *[
-                f"- client {cid}: epsilon = {_fmt(eps, 3)}"
-                + (f", noise multiplier {sigmas[cid]:.4g}" if cid in sigmas else "")
-                for cid, eps in sorted(p["sample_level"]["per_client"].items(), key=lambda kv: int(kv[0]))
-            ],
+            *_client_epsilon_lines(p["sample_level"]["per_client"], sigmas),
             *(
                 [
                     "",
@@ -218,18 +253,29 @@ def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Pa
         "",
         "## Comparison on the same test split",
         "",
-        "| detector | ROC-AUC |",
-        "| --- | --- |",
-        *[f"| {name} | {_fmt(auc)} |" for name, auc in summary["comparison"].items()],
+        *(
+            [
+                "| detector | ROC-AUC |",
+                "| --- | --- |",
+                *[f"| {name} | {_fmt(auc)} |" for name, auc in summary["comparison"].items()],
+            ]
+            if summary["comparison"]
+            else ["Not run (`--no-baselines`)."]
+        ),
         "",
         "## Rounds",
         "",
-        "| round | train loss | held-out loss | calibration loss | max epsilon | clients |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "Wall time: the whole round; `train` until every train reply is in; `fits`: the clients' local "
+        "fits, summed.",
+        "",
+        "| round | train loss | held-out loss | calibration loss | max epsilon | clients | wall s | train s "
+        "| fits s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *[
             f"| {r['round']} | {_fmt(r['train_loss'])} | {_fmt(r['eval_loss'])} "
             f"| {_fmt(r['calibration_loss'])} "
-            f"| {_fmt(r['max_epsilon'], 3)} | {len(r['clients'])} |"
+            f"| {_fmt(r['max_epsilon'], 3)} | {len(r['clients'])} "
+            f"| {_seconds(r, 'round')} | {_seconds(r, 'train')} | {_seconds(r, 'clients_fit_sum')} |"
             for r in summary["rounds"]
         ],
         "",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +112,7 @@ class TrainOutcome:
     train_loss: float
     event: privacy.TrainingEvent | None
     epsilon: float | None  # cumulative, None without DP
+    fit_seconds: float = 0.0  # the local fit alone, for the round-overhead figures
 
 
 def train_client(
@@ -182,9 +184,10 @@ def train_client(
     trainer = trainer_for(config, spec, scaler)
     trainer.set_weights(weights)
     mu = config.proximal_mu if config.strategy == "fedprox" else 0.0
-    result = trainer.fit(
-        scaler.transform(data.x_train), epochs=config.local_epochs, noise_multiplier=sigma, proximal_mu=mu
-    )
+    x_train = scaler.transform(data.x_train)
+    fit_started = time.perf_counter()
+    result = trainer.fit(x_train, epochs=config.local_epochs, noise_multiplier=sigma, proximal_mu=mu)
+    fit_seconds = time.perf_counter() - fit_started
     event = epsilon = None
     if charged is not None:
         event = charged.training_event()
@@ -194,7 +197,7 @@ def train_client(
             raise RuntimeError(f"the fit ran {done}, not the charged {event}; weights withheld")
         epsilon = privacy.cumulative_epsilon([*history, event], config.delta, config.accountant)
     _fault_point("trained")
-    return TrainOutcome(trainer.get_weights(), result.num_examples, result.loss, event, epsilon)
+    return TrainOutcome(trainer.get_weights(), result.num_examples, result.loss, event, epsilon, fit_seconds)
 
 
 FAULT_ENV = "FEDAE_FAULT_INJECT"

@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import FedaeConfig
-from shared.data.sources import load_client_data, load_server_data, num_clients_for
+from shared.data.sources import client_train_rows, load_client_data, load_server_data, num_clients_for
 from shared.privacy import check_delta
 
 logger = logging.getLogger("fedae")
 
 
 def validate_inputs(config: FedaeConfig) -> int:
-    """Load every part of the data once before Flower starts, so bad input fails fast and clearly.
+    """Check every part of the data before Flower starts, so bad input fails fast and clearly.
+
+    Site files are read (and kept for the run); generated fleet sites are counted, not generated.
 
     Returns the number of clients. Raises ``DataError`` / ``ConfigError`` naming the problem.
     """
@@ -36,27 +38,29 @@ def validate_inputs(config: FedaeConfig) -> int:
         raise ConfigError("a federation needs at least one client")
     check_combinations(config, num_clients)  # again, now that site files have been counted
     for client_id in range(num_clients):
-        data = load_client_data(config, client_id)
-        if data.num_examples < config.batch_size:
+        # Counted, not generated, where the source allows (fleet sites): data stays lazy until sampled.
+        rows = client_train_rows(config, client_id)
+        if rows < config.batch_size:
             raise ConfigError(
-                f"client {client_id} has {data.num_examples} training rows, fewer than "
+                f"client {client_id} has {rows} training rows, fewer than "
                 f"batch-size {config.batch_size}; lower batch-size or add data"
             )
-        if config.secure_aggregation != "none" and data.num_examples > config.secagg_max_weight:
+        if config.secure_aggregation != "none" and rows > config.secagg_max_weight:
             raise ConfigError(
-                f"client {client_id} has {data.num_examples} training rows, more than secagg-max-weight "
+                f"client {client_id} has {rows} training rows, more than secagg-max-weight "
                 f"{config.secagg_max_weight:g}: SecAgg+ scales each model by n / max-weight before "
                 "quantising it, so this client's weights would be clipped; raise secagg-max-weight to at "
                 "least the largest client's row count"
             )
-        if data.x_train.shape[1:] != server.x_test.shape[1:]:
-            raise ConfigError(
-                f"client {client_id}'s rows have shape {data.x_train.shape[1:]}, the test "
-                f"data {server.x_test.shape[1:]}"
-            )
+        if config.scenario == "files":  # the only source whose parts come from different files
+            shape = load_client_data(config, client_id).x_train.shape[1:]
+            if shape != server.x_test.shape[1:]:
+                raise ConfigError(
+                    f"client {client_id}'s rows have shape {shape}, the test data {server.x_test.shape[1:]}"
+                )
         if config.dp_enabled:
             try:
-                check_delta(config.delta, data.num_examples)
+                check_delta(config.delta, rows)
             except ValueError as err:
                 raise ConfigError(f"client {client_id}: {err}") from err
     return num_clients
@@ -74,8 +78,12 @@ def simulate(
     cpus_per_client: int | None = None,
     gpus_per_client: float | None = None,
     verbose: bool = False,
+    compare_baselines: bool = True,
 ) -> dict[str, Any]:
-    """Run the federation described by ``config`` and return its summary (also in RUN_DIR/summary.json)."""
+    """Run the federation described by ``config`` and return its summary (also in RUN_DIR/summary.json).
+
+    ``compare_baselines`` trains the central reference models on every client's data pooled in this
+    process after the rounds: worth it for a report, not for a sweep over many clients."""
     from shared.tfenv import load_tensorflow
 
     load_tensorflow()  # before flwr, which imports TensorFlow itself
@@ -117,7 +125,7 @@ def simulate(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(
-            server_app=build_server_app(config, compare_baselines=True),
+            server_app=build_server_app(config, compare_baselines=compare_baselines),
             client_app=client_app,
             num_supernodes=num_clients,
             backend_config=backend_config(cpus, gpus),

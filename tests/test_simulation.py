@@ -29,6 +29,12 @@ def test_two_clients_two_rounds_with_dp_end_to_end(tmp_path) -> None:
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert all(r["clients"] == [0, 1] for r in summary["rounds"])
     assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["eval_loss"]) for r in summary["rounds"])
+    # Where each round's time went: the phases add up to the round, and each client's fit is part of
+    # its handler's time.
+    for row in summary["rounds"]:
+        t = row["timing_s"]
+        assert t["train"] + t["evaluate"] + t["server"] == pytest.approx(t["round"], abs=2e-3)
+        assert 0 < t["clients_fit_sum"] < t["clients_handler_sum"]
 
     # Privacy: each client's epsilon is cumulative over both rounds, recomputed here independently.
     p = summary["privacy"]

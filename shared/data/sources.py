@@ -8,7 +8,8 @@ Every scenario yields three disjoint parts:
   threshold are fitted on it, so no client statistic leaves a client for preprocessing;
 - a labelled test set (1 = anomaly) used only to report detection quality.
 
-Client data is materialised lazily: a client builds only its own part (for natural partitions).
+Client data is materialised lazily: a client builds only its own part (for natural partitions); pooled
+sources (IID / Dirichlet re-partitions, the one-class data sets) are built once per process and indexed.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from shared.data import fleet, partition
 from shared.data.errors import DataError
 from shared.data.files import Table, align_columns, check_consistent, list_site_files, read_table
 
-FLEET_TRAIN_ROWS = 4000  # per site; sized so the default run meets epsilon <= 3 (see docs/PRIVACY.md)
 FLEET_CALIBRATION_ROWS = 2500
+# With more sites than this, the coordinator's calibration and test vehicles come from this many sites
+# spread evenly over the site numbers (so over every archetype and shift): its data then stays the same
+# size however many sites join, instead of growing by eight test vehicles per site.
+FLEET_REFERENCE_SITES = 20
 LOCAL_HOLDOUT_FRACTION = 0.15
 
 
@@ -70,9 +74,13 @@ def num_clients_for(config: FedaeConfig) -> int:
     return config.num_clients
 
 
+def _holdout_size(num_rows: int) -> int:
+    return max(1, round(num_rows * LOCAL_HOLDOUT_FRACTION))
+
+
 def _split_holdout(x: np.ndarray, seed: int, client_id: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng([seed, client_id, 7]).permutation(len(x))
-    cut = max(1, round(len(x) * LOCAL_HOLDOUT_FRACTION))
+    cut = _holdout_size(len(x))
     return x[order[cut:]], x[order[:cut]]
 
 
@@ -89,16 +97,28 @@ def _fleet_spec() -> DataSpec:
 
 def _fleet_client(config: FedaeConfig, client_id: int) -> np.ndarray:
     if config.partition == "natural":
-        return fleet.normal_rows(config.seed, client_id, FLEET_TRAIN_ROWS)
-    pool = np.concatenate(
-        [fleet.normal_rows(config.seed, s, FLEET_TRAIN_ROWS) for s in range(config.num_clients)]
-    )
-    groups = np.repeat(np.arange(config.num_clients), FLEET_TRAIN_ROWS)
+        return fleet.normal_rows(config.seed, client_id, config.rows_per_site)
+    pool = _fleet_pool(config.seed, config.num_clients, config.rows_per_site)
+    groups = np.repeat(np.arange(config.num_clients), config.rows_per_site)
     return pool[_pooled_parts(config, groups)[client_id]]
 
 
+@lru_cache(maxsize=1)
+def _fleet_pool(seed: int, num_sites: int, rows_per_site: int) -> np.ndarray:
+    """Every site's rows, for IID / Dirichlet re-partitioning: generated once per process, not once per
+    client (a worker serving many clients would otherwise regenerate the whole fleet for each)."""
+    return np.concatenate([fleet.normal_rows(seed, s, rows_per_site) for s in range(num_sites)])
+
+
+def reference_sites(num_sites: int) -> list[int]:
+    """The sites the coordinator's calibration and test vehicles come from (all, up to 20)."""
+    if num_sites <= FLEET_REFERENCE_SITES:
+        return list(range(num_sites))
+    return sorted({int(s) for s in np.linspace(0, num_sites - 1, FLEET_REFERENCE_SITES).round()})
+
+
 def _fleet_server(config: FedaeConfig) -> ServerData:
-    sites = list(range(config.num_clients))
+    sites = reference_sites(config.num_clients)
     # The coordinator's reference vehicles: drawn from every site's operating conditions, but separate
     # vehicles (purpose 1) from any client's.
     per_site = max(100, FLEET_CALIBRATION_ROWS // len(sites))
@@ -120,8 +140,8 @@ def _sklearn_set(name: str) -> tuple[np.ndarray, np.ndarray]:
     return bunch.data.astype(np.float32), (bunch.target == 0).astype(np.int64)
 
 
-def _load_mnist(config: FedaeConfig) -> dict[str, np.ndarray]:
-    path = Path(config.data_dir or ".") / "mnist.npz"
+def _load_mnist(data_dir: str) -> dict[str, np.ndarray]:
+    path = Path(data_dir or ".") / "mnist.npz"
     if not path.exists():
         raise DataError(
             "MNIST needs a local mnist.npz (keys x_train, y_train, x_test, y_test); "
@@ -147,10 +167,19 @@ class _OneClassSplit:
 
 def _one_class(config: FedaeConfig) -> _OneClassSplit:
     """Normal = ``normal-classes`` (digits, MNIST) or benign (WDBC); everything else is an anomaly."""
-    rng = np.random.default_rng([config.seed, 3])
-    if config.scenario == "mnist":
-        arrays = _load_mnist(config)
-        normal = set(config.normal_class_list)
+    # Cached on what the split depends on: every client of a worker indexes the same split, and MNIST
+    # would otherwise be read from disk once per client.
+    return _one_class_split(config.scenario, config.seed, config.data_dir, tuple(config.normal_class_list))
+
+
+@lru_cache(maxsize=2)
+def _one_class_split(
+    scenario: str, seed: int, data_dir: str, normal_classes: tuple[int, ...]
+) -> _OneClassSplit:
+    rng = np.random.default_rng([seed, 3])
+    if scenario == "mnist":
+        arrays = _load_mnist(data_dir)
+        normal = set(list(normal_classes))
         train_x = arrays["x_train"].astype(np.float32)[..., None]
         keep = np.isin(arrays["y_train"], list(normal))
         pool, groups = train_x[keep], arrays["y_train"][keep]
@@ -171,9 +200,9 @@ def _one_class(config: FedaeConfig) -> _OneClassSplit:
             arrays["x_test"].astype(np.float32)[..., None],
             test_y,
         )
-    x, y = _sklearn_set(config.scenario)
-    if config.scenario == "digits":
-        normal = config.normal_class_list
+    x, y = _sklearn_set(scenario)
+    if scenario == "digits":
+        normal = list(normal_classes)
         is_normal = np.isin(y, normal)
         groups_all = y
         spec = DataSpec(
@@ -317,6 +346,15 @@ def load_client_data(config: FedaeConfig, client_id: int) -> ClientData:
         labelled_y = np.concatenate([np.zeros(len(x_holdout), np.int64), np.ones(len(labelled_x), np.int64)])
         labelled_x = np.concatenate([x_holdout, labelled_x])
     return ClientData(client_id, x_train, x_holdout, labelled_x, labelled_y)
+
+
+def client_train_rows(config: FedaeConfig, client_id: int) -> int:
+    """How many training rows client ``client_id`` has, without generating a fleet site's rows: a
+    simulation checks every client before it starts, and generating 1,000 sites up front would cost
+    minutes for rows the clients then generate again, lazily, when they are sampled."""
+    if config.scenario == "fleet" and config.partition == "natural":
+        return config.rows_per_site - _holdout_size(config.rows_per_site)
+    return load_client_data(config, client_id).num_examples
 
 
 def load_server_data(config: FedaeConfig) -> ServerData:
