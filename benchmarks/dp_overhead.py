@@ -6,7 +6,7 @@ clipping and noise. Each is built and traced first (not timed); then epochs alte
 DP, ... so that both see the same machine load, and the ratio of the medians is printed. This machine is
 shared and noisy: read the ratio, not the seconds.
 
-    uv run python benchmarks/dp_overhead.py [--models dense conv vae conv-exact] [--rows 2048] [--batch 64]
+    uv run python -m benchmarks.dp_overhead [--models dense conv vae conv-exact] [--rows 2048] [--batch 64]
 
 ``KIND-exact`` forces exact per-example gradients, ``KIND-fast`` the registered fast norms (tensorflow-
 privacy's, plus ``shared.conv_norms`` for convolutions); a bare kind takes the trainer's default.
@@ -15,7 +15,6 @@ privacy's, plus ``shared.conv_norms`` for convolutions); a bare kind takes the t
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -27,6 +26,7 @@ load_tensorflow()  # the import-time switches before TensorFlow and tensorflow-p
 
 import numpy as np
 
+from benchmarks.simrun import machine, write_result
 from shared.models import ModelSpec
 from shared.training import LocalTrainer, TrainSettings
 
@@ -79,14 +79,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = configure_tensorflow(None)
-    print(f"machine: {platform.processor() or platform.machine()}, device: {device}")
+    print(f"machine: {machine()}, device: {device}")
     print(f"{args.rows} rows, batch {args.batch}, median of {args.repeats} alternating epochs each")
     print(f"{'model':<10} {'DP norms':<24} {'plain s/epoch':>13} {'DP s/epoch':>11} {'DP / plain':>10}")
+    results = []
     for kind in args.models:
         r = measure(kind, args.rows, args.batch, args.repeats)
+        results.append(r)
         print(
             f"{r['model']:<6} {r['norms']:<24} {r['plain_s']:>13.3f} {r['dp_s']:>11.3f} {r['ratio']:>10.2f}"
         )
+    path = write_result(
+        f"dp_overhead_batch{args.batch}", {"machine": machine(), "args": vars(args), "runs": results}
+    )
+    print(f"result: {path}")
+    print("DP-SGD / plain epoch time: " + ", ".join(f"{r['model']} {r['ratio']:.2f}" for r in results))
 
 
 if __name__ == "__main__":

@@ -121,7 +121,14 @@ def simulate(
 
 
 def machine() -> str:
+    """Cores, CPU model and memory, for the first line of every benchmark's output."""
     cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        models = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
+        ]
+        cpu = models[0] if models else cpu
     return f"{os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / GIB:.0f} GiB RAM"
 
 

@@ -73,12 +73,23 @@ def make_scaler(config: FedaeConfig, spec: DataSpec, x_calibration: np.ndarray) 
     return Scaler.fit(x_calibration, spec.kind, spec.value_range, flatten=config.model != "conv")
 
 
+REBUILD_ENV = "FEDAE_REBUILD_TRAINER"
+
+
 def trainer_for(config: FedaeConfig, spec: DataSpec, scaler: Scaler) -> LocalTrainer:
     from shared.tfenv import configure_tensorflow
 
     threads = int(os.environ.get("FEDAE_TF_THREADS", "0")) or None
     configure_tensorflow(threads)
-    return get_trainer(model_spec(config, spec, scaler), train_settings(config, spec))
+    model, settings = model_spec(config, spec, scaler), train_settings(config, spec)
+    if os.environ.get(REBUILD_ENV) == "1":
+        # Benchmarks only (benchmarks/round_overhead.py): Flower's TensorFlow quickstart pattern, a new
+        # Keras session, model and traced functions in every call, measured against the reused trainer.
+        from shared.tfenv import load_tensorflow
+
+        load_tensorflow().keras.backend.clear_session()
+        return LocalTrainer(model, settings)
+    return get_trainer(model, settings)
 
 
 _CLIENT_DATA: dict[tuple[object, ...], ClientData] = {}
