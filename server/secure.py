@@ -14,6 +14,7 @@ trained is reported even in a round that SecAgg+ halted (too few clients left to
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -87,7 +88,9 @@ class RoundWatch:
                 metrics = dict(records["fitres.metrics"])
                 self.clipped[server_round] += int(metrics.pop(SECAGG_CLIPPED, 0))
                 self._recorder.record(self._recorder.train, server_round, metrics)
+                self._recorder.phase_ended["train"] = time.perf_counter()  # the last such reply counts
             elif "evaluateres.metrics" in records:
+                self._recorder.phase_ended["evaluate"] = time.perf_counter()
                 self._recorder.record(
                     self._recorder.evaluate, server_round, dict(records["evaluateres.metrics"])
                 )
@@ -176,6 +179,7 @@ class SecureRounds:
         if self._held is not None:
             held, self._held = self._held, None
             self.book.close_round(*held)
+            self.book.recorder.end_round(held[0])  # the next round's clock starts now
 
 
 def _no_metrics(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:

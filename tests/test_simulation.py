@@ -200,6 +200,10 @@ def test_secagg_plus_run_with_dp_end_to_end(tmp_path) -> None:
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert all(r["clients"] == [0, 1, 2] for r in summary["rounds"])
     assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["eval_loss"]) for r in summary["rounds"])
+    # Each round's clock starts when the previous round closed, not at the start of the run.
+    first, second = (r["timing_s"] for r in summary["rounds"])
+    assert 0 < second["train"] < second["round"] and second["clients_fit_sum"] > 0
+    assert first["train"] + first["evaluate"] + first["server"] == pytest.approx(first["round"], abs=2e-3)
     assert summary["best_round"] in (1, 2)
     assert load_bundle(tmp_path / "secagg" / "bundle").threshold == pytest.approx(
         summary["detector"]["threshold"]
