@@ -29,6 +29,8 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,6 +117,15 @@ class LocalTrainer:
         b = settings.batch_size
         self.capacity = b + math.ceil(4.0 * math.sqrt(b)) + 1
         self.noise_generator = tf.random.Generator.from_seed(0)
+        # The DP noise is drawn from a second generator positioned (by ``skip``) exactly where the draw
+        # would fall in ``noise_generator``'s stream, so that it can run on a worker thread ahead of the
+        # step that uses it and still give the values of one generator drawn in step order (see _fit_dp).
+        self.dp_noise_generator = tf.random.Generator.from_seed(0)
+        # Elements one clipped-sum call draws from noise_generator (VAE eps, denoising noise); recorded
+        # from the static shapes while tracing, so it always matches the traced graph.
+        self._rng_elements_traced = 0
+        self.rng_elements_per_chunk = 0
+        self.noise_elements = sum(int(v.shape.num_elements()) for v in self.model.trainable_variables)
         # The noise multiplier is a variable, not a constant baked into the graph: with
         # noise-multiplier "auto" every client calibrates its own, and one trainer serves them all.
         self.noise_std = tf.Variable(0.0, trainable=False, dtype=tf.float32)
@@ -135,8 +146,17 @@ class LocalTrainer:
         )
         grad_sigs = [tf.TensorSpec(v.shape, v.dtype) for v in self.model.trainable_variables]
         self._standard_noise = tf.function(self._standard_noise_impl, input_signature=[])
+        self._draw_dp_noise = tf.function(
+            self._draw_dp_noise_impl, input_signature=[tf.TensorSpec((), tf.int64)]
+        )
         self._noisy_mean = tf.function(self._noisy_mean_impl, input_signature=[grad_sigs, grad_sigs])
         self._update = tf.function(self._update_impl, input_signature=[grad_sigs, grad_sigs], jit_compile=jit)
+        # Clipped sum and update in one call, with the noise passed in: one dispatch instead of two, and
+        # XLA fuses the noisy mean and Adam into the backward pass's outputs. The noise stays an input
+        # (drawn outside XLA), so the values are those of the separate calls.
+        self._dp_step = tf.function(
+            self._dp_step_impl, input_signature=[x_sig, idx_sig, w_sig, grad_sigs], jit_compile=jit
+        )
         # Plain steps take exactly batch-size rows (only the last batch of an epoch is padded): the
         # non-private baseline pays no Poisson capacity.
         plain_sig = [
@@ -172,10 +192,12 @@ class LocalTrainer:
         inputs = x
         if self.settings.denoise_stddev > 0:
             inputs = x + self.noise_generator.normal(tf.shape(x), stddev=self.settings.denoise_stddev)
+            self._rng_elements_traced += int(x.shape.num_elements())
             if self.settings.input_range is not None:
                 inputs = tf.clip_by_value(inputs, *self.settings.input_range)
         if self.spec.kind == "vae":
             eps = self.noise_generator.normal((tf.shape(x)[0], self.spec.latent_dim))
+            self._rng_elements_traced += int(x.shape[0]) * self.spec.latent_dim
             return [inputs, eps], x
         return inputs, x
 
@@ -184,7 +206,9 @@ class LocalTrainer:
         """Sum over the padded batch of per-example gradients clipped to norm C (weight 0 = padding)."""
         self.trace_count += 1  # Python side effect: runs only while tracing
         x = tf.gather(x_all, idx)
+        self._rng_elements_traced = 0
         inputs, targets = self._inputs_and_targets(x)
+        self.rng_elements_per_chunk = self._rng_elements_traced
         clip = self.settings.l2_norm_clip
         variables = self.model.trainable_variables
         if self.fast_clipping:
@@ -240,6 +264,22 @@ class LocalTrainer:
         )
         return tf.constant(0)
 
+    def _dp_step_impl(
+        self, x_all: tf.Tensor, idx: tf.Tensor, weights: tf.Tensor, noise: list[tf.Tensor]
+    ) -> tf.Tensor:
+        """A whole DP-SGD step for a batch within capacity; returns the batch's summed loss."""
+        grad_sum, loss = self._clipped_sum_impl(x_all, idx, weights)
+        self._update_impl(grad_sum, noise)
+        return loss
+
+    def _draw_dp_noise_impl(self, skip: tf.Tensor) -> list[tf.Tensor]:
+        """The next step's N(0, 1) noise from ``dp_noise_generator``, after skipping the ``skip``
+        elements that step's clipped sums draw first from ``noise_generator``. Same kernel as
+        ``_standard_noise`` (not XLA-compiled), hence the same values for the same generator state."""
+        self.trace_count += 1
+        self.dp_noise_generator.skip(skip)
+        return [self.dp_noise_generator.normal(tf.shape(v)) for v in self.model.trainable_variables]
+
     def _apply_noisy(self, grad_sum: list[tf.Tensor]) -> None:
         self._update(grad_sum, self._standard_noise())
 
@@ -279,6 +319,9 @@ class LocalTrainer:
         weights[: len(chunk)] = 1.0
         return tf.constant(idx), tf.constant(weights)
 
+    def _chunks(self, indices: np.ndarray) -> int:
+        return max(1, math.ceil(len(indices) / self.capacity))
+
     def _clipped_sum_for(self, x_all: tf.Tensor, indices: np.ndarray) -> tuple[list[tf.Tensor], float]:
         total, loss_sum = None, 0.0
         # A Poisson batch larger than the padded capacity (probability < 1e-4) is split into chunks
@@ -288,6 +331,62 @@ class LocalTrainer:
             total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
             loss_sum += float(loss)
         return total, loss_sum  # type: ignore[return-value]
+
+    def _dp_step_for(self, x_all: tf.Tensor, indices: np.ndarray, noise: list[tf.Tensor]) -> float:
+        """One DP-SGD step with the given N(0, 1) noise; returns the batch's summed loss."""
+        if len(indices) <= self.capacity:
+            return float(self._dp_step(x_all, *self._padded(indices), noise))
+        # Rare oversized Poisson batch: chunked clipped sums, then the update (traced on first use).
+        grads, loss_sum = self._clipped_sum_for(x_all, indices)
+        self._update(grads, noise)
+        return loss_sum
+
+    def _dp_batches(self, n: int, epochs: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        """The fit's batches, in order, drawn from ``rng`` exactly as a step-by-step loop would."""
+        b, q = self.settings.batch_size, self.settings.batch_size / n
+        steps_per_epoch = sampling_plan(n, b, epochs, self.settings.sampling)[1] // epochs
+        for _ in range(epochs):
+            order = rng.permutation(n) if self.settings.sampling == "shuffle" else None
+            for step in range(steps_per_epoch):
+                if order is None:
+                    yield np.flatnonzero(rng.random(n) < q)
+                else:
+                    yield order[step * b : (step + 1) * b]
+
+    def _fit_dp(self, x_all: tf.Tensor, batches: list[np.ndarray]) -> float:
+        """DP-SGD over ``batches``; returns the summed loss.
+
+        The noise draw (3 ms for the dense AE's 437,664 weights on a 2-core CPU, as long as a plain
+        step) does not depend on the batch or the weights, so step t+1's draw runs on a worker thread
+        while step t runs (TensorFlow releases the GIL). The values are unchanged: one generator drawn
+        in step order would give [clipped-sum draws of step 0, noise 0, clipped-sum draws of step 1,
+        noise 1, ...]; the clipped sums draw from ``noise_generator``, which skips each noise block,
+        and the noise from ``dp_noise_generator``, started at the same state, which skips each block of
+        clipped-sum draws. Nothing is drawn past the last step.
+        """
+        if not batches:
+            return 0.0
+        # Trace before the first draw: the trace records how many elements a clipped sum draws.
+        self._dp_step.get_concrete_function()
+        per_chunk = self.rng_elements_per_chunk
+        self.dp_noise_generator.reset(self.noise_generator.state)
+        loss_sum = 0.0
+        # One worker per fit. Leaving the ``with`` block (also on an error) waits for a draw still
+        # running and joins the thread: none outlives the fit or races the next fit's reseeding.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedae-dp-noise") as pool:
+            pending: Future[list[tf.Tensor]] = pool.submit(
+                self._draw_dp_noise, per_chunk * self._chunks(batches[0])
+            )
+            for t, indices in enumerate(batches):
+                noise = pending.result()
+                if t + 1 < len(batches):
+                    pending = pool.submit(self._draw_dp_noise, per_chunk * self._chunks(batches[t + 1]))
+                loss_sum += self._dp_step_for(x_all, indices, noise)
+                if per_chunk:  # the next clipped sum draws after the block the worker drew
+                    self.noise_generator.skip(self.noise_elements)
+        if not per_chunk:  # nothing drew from it during the fit: one skip, not one op per step
+            self.noise_generator.skip(self.noise_elements * len(batches))
+        return loss_sum
 
     def fit(
         self,
@@ -324,24 +423,18 @@ class LocalTrainer:
         self.noise_std.assign(noise_multiplier * self.settings.l2_norm_clip)
         x_all = tf.convert_to_tensor(x, dtype=tf.float32)
         sampling = self.settings.sampling
-        q, planned_steps = sampling_plan(n, b, epochs, sampling)
-        steps_per_epoch = planned_steps // epochs
+        q = sampling_plan(n, b, epochs, sampling)[0]
         loss_sum, seen, steps = 0.0, 0, 0
-        for _ in range(epochs):
-            if self.settings.dp:
-                order = rng.permutation(n) if sampling == "shuffle" else None
-                for step in range(steps_per_epoch):
-                    if sampling == "poisson":
-                        indices = np.flatnonzero(rng.random(n) < q)
-                    else:
-                        indices = order[step * b : (step + 1) * b]  # type: ignore[index]
-                    # Not fused into one XLA-compiled step: with the Generator's draw inside XLA the
-                    # training trajectory changed (same seed, same initial weights; docs/BENCHMARKS.md)
-                    # and XLA's CPU sampler is slower. The noise is drawn outside XLA, always.
-                    grads, batch_loss = self._clipped_sum_for(x_all, indices)
-                    self._apply_noisy(grads)
-                    loss_sum, seen, steps = loss_sum + batch_loss, seen + len(indices), steps + 1
-            else:
+        if self.settings.dp:
+            # The noise is drawn outside XLA, always: with the Generator's draw inside XLA the training
+            # trajectory changed (same seed, same initial weights; docs/BENCHMARKS.md) and XLA's CPU
+            # sampler is slower. The whole batch plan is drawn first so that the noise worker knows each
+            # step's clipped-sum draws; ``rng`` gives the same batches as drawing them step by step.
+            batches = list(self._dp_batches(n, epochs, rng))
+            loss_sum = self._fit_dp(x_all, batches)
+            seen, steps = sum(len(indices) for indices in batches), len(batches)
+        else:
+            for _ in range(epochs):
                 order = rng.permutation(n)
                 for start in range(0, n, b):
                     idx, weights = self._padded(order[start : start + b], b)

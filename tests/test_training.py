@@ -143,13 +143,13 @@ def test_poisson_batches_have_expected_size_q_n(rng) -> None:
     n, batch = 400, 40
     trainer = LocalTrainer(DENSE, TrainSettings(batch, 1e-3, 1.0))
     sizes = []
-    original = trainer._clipped_sum_for
+    original = trainer._dp_step_for
 
-    def spy(x_all, indices):
+    def spy(x_all, indices, noise):
         sizes.append(len(indices))
-        return original(x_all, indices)
+        return original(x_all, indices, noise)
 
-    trainer._clipped_sum_for = spy  # type: ignore[method-assign]
+    trainer._dp_step_for = spy  # type: ignore[method-assign]
     result = trainer.fit(_data(DENSE, n, rng), epochs=5, noise_multiplier=1.0, seed=3)
     assert result.steps == 5 * 10 and result.sampling_probability == pytest.approx(0.1)
     sizes = np.array(sizes)
@@ -202,13 +202,13 @@ def test_shuffled_batches_have_exactly_b_examples_each_seen_once_per_epoch(rng) 
     n, batch, epochs = 100, 16, 3
     trainer = LocalTrainer(DENSE, TrainSettings(batch, 1e-3, 1.0, sampling="shuffle"))
     batches = []
-    original = trainer._clipped_sum_for
+    original = trainer._dp_step_for
 
-    def spy(x_all, indices):
+    def spy(x_all, indices, noise):
         batches.append(np.array(indices))
-        return original(x_all, indices)
+        return original(x_all, indices, noise)
 
-    trainer._clipped_sum_for = spy  # type: ignore[method-assign]
+    trainer._dp_step_for = spy  # type: ignore[method-assign]
     result = trainer.fit(_data(DENSE, n, rng), epochs=epochs, noise_multiplier=1.0, seed=5)
     per_epoch = n // batch
     assert result.steps == epochs * per_epoch == len(batches) and result.sampling == "shuffle"
@@ -230,3 +230,36 @@ def test_one_trainer_serves_any_noise_multiplier_without_retracing(rng) -> None:
     assert trainer.noise_std.numpy() == pytest.approx(3.1 * 0.5)
     with pytest.raises(ValueError, match="noise_multiplier must be a finite number >= 0"):
         trainer.fit(x, epochs=1, noise_multiplier=-1.0)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        TrainSettings(16, 1e-2, 1.0),
+        TrainSettings(16, 1e-2, 1.0, denoise_stddev=0.3),  # the clipped sum draws too
+    ],
+    ids=["plain-inputs", "denoising"],
+)
+@pytest.mark.parametrize("spec", [DENSE, VAE], ids=["dense", "vae"])
+def test_noise_drawn_ahead_on_a_worker_equals_one_generator_drawn_step_by_step(spec, settings, rng) -> None:
+    """fit draws step t+1's noise on a worker thread during step t, from a second generator that skips
+    the clipped sums' draws: the weights must be those of the plain sequential loop (clipped sum with
+    its own draws, then noise, then update, all from one generator), including an oversized batch that
+    is split into chunks."""
+    x = _data(spec, 200, rng)
+    pipelined = LocalTrainer(spec, settings)
+    sequential = LocalTrainer(spec, settings)
+    sequential.set_weights(pipelined.get_weights())
+    batches = [np.flatnonzero(rng.random(200) < 0.08) for _ in range(6)]
+    batches.insert(3, np.arange(pipelined.capacity + 5))  # more rows than the padded capacity
+    for trainer in (pipelined, sequential):
+        trainer.noise_generator.reset_from_seed(11)
+        trainer.noise_std.assign(0.7)
+    x_all = tf.constant(x)
+    pipelined._fit_dp(x_all, batches)
+    for indices in batches:
+        sequential._apply_noisy(sequential._clipped_sum_for(x_all, indices)[0])
+    for a, b in zip(pipelined.get_weights(), sequential.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    # Both generators end where one generator drawing everything in step order would.
+    np.testing.assert_array_equal(pipelined.noise_generator.state, sequential.noise_generator.state)
