@@ -116,16 +116,11 @@ class LocalTrainer:
         # Padded batch capacity: expected size + 4 standard deviations of the Poisson batch size.
         b = settings.batch_size
         self.capacity = b + math.ceil(4.0 * math.sqrt(b)) + 1
+        # Two independent streams, both keyed from each fit's seed (``_reseed``): the model's own input
+        # randomness (VAE eps, denoising noise), drawn inside the clipped sum, and the DP noise, drawn
+        # one step ahead on a worker thread (``_fit_dp``). Neither stream's order depends on the other.
         self.noise_generator = tf.random.Generator.from_seed(0)
-        # The DP noise is drawn from a second generator positioned (by ``skip``) exactly where the draw
-        # would fall in ``noise_generator``'s stream, so that it can run on a worker thread ahead of the
-        # step that uses it and still give the values of one generator drawn in step order (see _fit_dp).
-        self.dp_noise_generator = tf.random.Generator.from_seed(0)
-        # Elements one clipped-sum call draws from noise_generator (VAE eps, denoising noise); recorded
-        # from the static shapes while tracing, so it always matches the traced graph.
-        self._rng_elements_traced = 0
-        self.rng_elements_per_chunk = 0
-        self.noise_elements = sum(int(v.shape.num_elements()) for v in self.model.trainable_variables)
+        self.dp_noise_generator = tf.random.Generator.from_seed(1)
         # The noise multiplier is a variable, not a constant baked into the graph: with
         # noise-multiplier "auto" every client calibrates its own, and one trainer serves them all.
         self.noise_std = tf.Variable(0.0, trainable=False, dtype=tf.float32)
@@ -146,9 +141,6 @@ class LocalTrainer:
         )
         grad_sigs = [tf.TensorSpec(v.shape, v.dtype) for v in self.model.trainable_variables]
         self._standard_noise = tf.function(self._standard_noise_impl, input_signature=[])
-        self._draw_dp_noise = tf.function(
-            self._draw_dp_noise_impl, input_signature=[tf.TensorSpec((), tf.int64)]
-        )
         self._noisy_mean = tf.function(self._noisy_mean_impl, input_signature=[grad_sigs, grad_sigs])
         self._update = tf.function(self._update_impl, input_signature=[grad_sigs, grad_sigs], jit_compile=jit)
         # Clipped sum and update in one call, with the noise passed in: one dispatch instead of two, and
@@ -192,12 +184,10 @@ class LocalTrainer:
         inputs = x
         if self.settings.denoise_stddev > 0:
             inputs = x + self.noise_generator.normal(tf.shape(x), stddev=self.settings.denoise_stddev)
-            self._rng_elements_traced += int(x.shape.num_elements())
             if self.settings.input_range is not None:
                 inputs = tf.clip_by_value(inputs, *self.settings.input_range)
         if self.spec.kind == "vae":
             eps = self.noise_generator.normal((tf.shape(x)[0], self.spec.latent_dim))
-            self._rng_elements_traced += int(x.shape[0]) * self.spec.latent_dim
             return [inputs, eps], x
         return inputs, x
 
@@ -206,9 +196,7 @@ class LocalTrainer:
         """Sum over the padded batch of per-example gradients clipped to norm C (weight 0 = padding)."""
         self.trace_count += 1  # Python side effect: runs only while tracing
         x = tf.gather(x_all, idx)
-        self._rng_elements_traced = 0
         inputs, targets = self._inputs_and_targets(x)
-        self.rng_elements_per_chunk = self._rng_elements_traced
         clip = self.settings.l2_norm_clip
         variables = self.model.trainable_variables
         if self.fast_clipping:
@@ -248,7 +236,7 @@ class LocalTrainer:
         slow as TensorFlow's own (5.6 vs 3.0 ms for the dense AE's 437,664 weights), and on CPU this
         draw is the largest cost of a DP step."""
         self.trace_count += 1
-        return [self.noise_generator.normal(tf.shape(v)) for v in self.model.trainable_variables]
+        return [self.dp_noise_generator.normal(tf.shape(v)) for v in self.model.trainable_variables]
 
     def _noisy_mean_impl(self, grad_sum: list[tf.Tensor], noise: list[tf.Tensor]) -> list[tf.Tensor]:
         """Gaussian noise (std ``noise_std``) on the clipped sum, divided by the expected batch size."""
@@ -271,14 +259,6 @@ class LocalTrainer:
         grad_sum, loss = self._clipped_sum_impl(x_all, idx, weights)
         self._update_impl(grad_sum, noise)
         return loss
-
-    def _draw_dp_noise_impl(self, skip: tf.Tensor) -> list[tf.Tensor]:
-        """The next step's N(0, 1) noise from ``dp_noise_generator``, after skipping the ``skip``
-        elements that step's clipped sums draw first from ``noise_generator``. Same kernel as
-        ``_standard_noise`` (not XLA-compiled), hence the same values for the same generator state."""
-        self.trace_count += 1
-        self.dp_noise_generator.skip(skip)
-        return [self.dp_noise_generator.normal(tf.shape(v)) for v in self.model.trainable_variables]
 
     def _apply_noisy(self, grad_sum: list[tf.Tensor]) -> None:
         self._update(grad_sum, self._standard_noise())
@@ -319,9 +299,6 @@ class LocalTrainer:
         weights[: len(chunk)] = 1.0
         return tf.constant(idx), tf.constant(weights)
 
-    def _chunks(self, indices: np.ndarray) -> int:
-        return max(1, math.ceil(len(indices) / self.capacity))
-
     def _clipped_sum_for(self, x_all: tf.Tensor, indices: np.ndarray) -> tuple[list[tf.Tensor], float]:
         total, loss_sum = None, 0.0
         # A Poisson batch larger than the padded capacity (probability < 1e-4) is split into chunks
@@ -357,36 +334,33 @@ class LocalTrainer:
         """DP-SGD over ``batches``; returns the summed loss.
 
         The noise draw (3 ms for the dense AE's 437,664 weights on a 2-core CPU, as long as a plain
-        step) does not depend on the batch or the weights, so step t+1's draw runs on a worker thread
-        while step t runs (TensorFlow releases the GIL). The values are unchanged: one generator drawn
-        in step order would give [clipped-sum draws of step 0, noise 0, clipped-sum draws of step 1,
-        noise 1, ...]; the clipped sums draw from ``noise_generator``, which skips each noise block,
-        and the noise from ``dp_noise_generator``, started at the same state, which skips each block of
-        clipped-sum draws. Nothing is drawn past the last step.
+        step) depends on neither the batch nor the weights, so step t+1's draw runs on a worker thread
+        while step t runs (TensorFlow releases the GIL). The draws come from their own generator, one per
+        step and in step order, so the noise is that of drawing it step by step.
         """
-        if not batches:
-            return 0.0
-        # Trace before the first draw: the trace records how many elements a clipped sum draws.
-        self._dp_step.get_concrete_function()
-        per_chunk = self.rng_elements_per_chunk
-        self.dp_noise_generator.reset(self.noise_generator.state)
         loss_sum = 0.0
         # One worker per fit. Leaving the ``with`` block (also on an error) waits for a draw still
         # running and joins the thread: none outlives the fit or races the next fit's reseeding.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedae-dp-noise") as pool:
-            pending: Future[list[tf.Tensor]] = pool.submit(
-                self._draw_dp_noise, per_chunk * self._chunks(batches[0])
-            )
+            pending: Future[list[tf.Tensor]] = pool.submit(self._standard_noise)
             for t, indices in enumerate(batches):
                 noise = pending.result()
                 if t + 1 < len(batches):
-                    pending = pool.submit(self._draw_dp_noise, per_chunk * self._chunks(batches[t + 1]))
+                    pending = pool.submit(self._standard_noise)
                 loss_sum += self._dp_step_for(x_all, indices, noise)
-                if per_chunk:  # the next clipped sum draws after the block the worker drew
-                    self.noise_generator.skip(self.noise_elements)
-        if not per_chunk:  # nothing drew from it during the fit: one skip, not one op per step
-            self.noise_generator.skip(self.noise_elements * len(batches))
         return loss_sum
+
+    def _reseed(self, seed: int) -> None:
+        """Key both generators from ``seed`` through NumPy's SeedSequence. ``reset_from_seed(s)`` would
+        set Philox's counter to s under one fixed key, so the streams of seeds s and s + 1 would be the
+        same numbers shifted by one block: nearby seeds must give unrelated noise."""
+        # Children of the seed's SeedSequence, not its own words, which also seed the batch sampler.
+        input_key, noise_key = (
+            int(np.random.SeedSequence(seed, spawn_key=(child,)).generate_state(1, np.uint64)[0] >> 1)
+            for child in (0, 1)
+        )  # Philox keys are stored as int64: 63 bits
+        self.noise_generator.reset_from_key_counter(input_key, [0, 0])
+        self.dp_noise_generator.reset_from_key_counter(noise_key, [0, 0])
 
     def fit(
         self,
@@ -413,7 +387,7 @@ class LocalTrainer:
             )
         seed = secrets.randbits(63) if seed is None else seed
         rng = np.random.default_rng(seed)
-        self.noise_generator.reset_from_seed(seed)
+        self._reseed(seed)
         self.reset_optimizer()
         self.proximal_mu.assign(proximal_mu)
         for anchor, variable in zip(self.anchor, self.model.trainable_variables, strict=True):
@@ -428,8 +402,7 @@ class LocalTrainer:
         if self.settings.dp:
             # The noise is drawn outside XLA, always: with the Generator's draw inside XLA the training
             # trajectory changed (same seed, same initial weights; docs/BENCHMARKS.md) and XLA's CPU
-            # sampler is slower. The whole batch plan is drawn first so that the noise worker knows each
-            # step's clipped-sum draws; ``rng`` gives the same batches as drawing them step by step.
+            # sampler is slower. ``rng`` gives the same batches as drawing them step by step.
             batches = list(self._dp_batches(n, epochs, rng))
             loss_sum = self._fit_dp(x_all, batches)
             seen, steps = sum(len(indices) for indices in batches), len(batches)

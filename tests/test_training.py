@@ -241,11 +241,10 @@ def test_one_trainer_serves_any_noise_multiplier_without_retracing(rng) -> None:
     ids=["plain-inputs", "denoising"],
 )
 @pytest.mark.parametrize("spec", [DENSE, VAE], ids=["dense", "vae"])
-def test_noise_drawn_ahead_on_a_worker_equals_one_generator_drawn_step_by_step(spec, settings, rng) -> None:
-    """fit draws step t+1's noise on a worker thread during step t, from a second generator that skips
-    the clipped sums' draws: the weights must be those of the plain sequential loop (clipped sum with
-    its own draws, then noise, then update, all from one generator), including an oversized batch that
-    is split into chunks."""
+def test_noise_drawn_ahead_on_a_worker_equals_drawing_it_step_by_step(spec, settings, rng) -> None:
+    """fit draws step t+1's noise on a worker thread during step t: the weights must be those of the
+    sequential loop (clipped sum, then noise, then update), including an oversized batch that is split
+    into chunks."""
     x = _data(spec, 200, rng)
     pipelined = LocalTrainer(spec, settings)
     sequential = LocalTrainer(spec, settings)
@@ -253,7 +252,7 @@ def test_noise_drawn_ahead_on_a_worker_equals_one_generator_drawn_step_by_step(s
     batches = [np.flatnonzero(rng.random(200) < 0.08) for _ in range(6)]
     batches.insert(3, np.arange(pipelined.capacity + 5))  # more rows than the padded capacity
     for trainer in (pipelined, sequential):
-        trainer.noise_generator.reset_from_seed(11)
+        trainer._reseed(11)
         trainer.noise_std.assign(0.7)
     x_all = tf.constant(x)
     pipelined._fit_dp(x_all, batches)
@@ -261,5 +260,21 @@ def test_noise_drawn_ahead_on_a_worker_equals_one_generator_drawn_step_by_step(s
         sequential._apply_noisy(sequential._clipped_sum_for(x_all, indices)[0])
     for a, b in zip(pipelined.get_weights(), sequential.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-    # Both generators end where one generator drawing everything in step order would.
-    np.testing.assert_array_equal(pipelined.noise_generator.state, sequential.noise_generator.state)
+    # One draw per step, none ahead of the last: both noise streams end in the same place.
+    np.testing.assert_array_equal(pipelined.dp_noise_generator.state, sequential.dp_noise_generator.state)
+
+
+def test_nearby_seeds_draw_unrelated_noise() -> None:
+    """Seeds s and s + 1 must not give one stream shifted (tf.random.Generator.reset_from_seed does),
+    and the DP noise must not repeat the model's own input randomness."""
+    trainer = LocalTrainer(DENSE, TrainSettings(16, 1e-2, 1.0))
+    draws = []
+    for seed in (3, 4):
+        trainer._reseed(seed)
+        draws.append(np.concatenate([z.numpy().ravel() for z in trainer._standard_noise()]))
+    trainer._reseed(3)
+    inputs = trainer.noise_generator.normal([draws[0].size]).numpy()
+    for other in (draws[1], inputs):
+        assert np.intersect1d(draws[0], other).size == 0  # no shared values, shifted or not
+        assert abs(np.corrcoef(draws[0], other)[0, 1]) < 5 / np.sqrt(draws[0].size)
+    assert draws[0].std() == pytest.approx(1.0, abs=0.05)
