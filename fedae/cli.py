@@ -38,7 +38,12 @@ def _parser() -> argparse.ArgumentParser:
         help="overrides with the keys of [tool.flwr.app.config], as for `flwr run --run-config`",
     )
     sim.add_argument("--out", metavar="RUN_DIR", help="output folder (default runs/<timestamp>-<scenario>)")
-    sim.add_argument("--cpus-per-client", type=int, help="CPUs per simulation worker (default 2)")
+    sim.add_argument(
+        "--cpus-per-client",
+        type=int,
+        help="CPUs per simulation worker (default: one worker per core, fewer if memory or the GPU share "
+        "allows fewer)",
+    )
     sim.add_argument("--gpus-per-client", type=float, help="GPU share per worker (default 0.25 with a GPU)")
     sim.add_argument(
         "--no-baselines",

@@ -1,10 +1,12 @@
 """Run a whole federation in one process with Flower's Simulation Engine (Ray).
 
 Worker count: Flower gives each simulated client 2 CPUs by default, which on a 2-core machine means one
-client trains at a time. That is deliberate here: TensorFlow already uses both cores for one client's
-step, and two workers would each import TensorFlow and build the model (seconds of start-up and
-hundreds of MB each) to then fight over the same cores. Each worker's TensorFlow gets as many threads as
-the worker has CPUs. With a GPU, clients share it through fractional ``num_gpus``.
+client trains at a time. fedae instead starts one worker per core, each with a one-thread TensorFlow:
+measured on 2 cores (benchmarks/round_overhead.py, docs/BENCHMARKS.md), two one-thread workers run 1.7x
+the client rounds per second of one two-thread worker, because TensorFlow's intra-op threads barely
+speed up steps this small. Each worker costs about 1.1 GiB (its own TensorFlow, model and compiled
+functions), so memory caps the count (``WORKER_MEMORY_GIB`` each, beside 2 GiB for the driver and Ray),
+and with a GPU the fractional ``num_gpus`` share does (four clients per GPU by default).
 """
 
 from __future__ import annotations
@@ -102,8 +104,8 @@ def simulate(
         config = config.replace(out_dir=str(default_out_dir(config)))
     out_dir = Path(config.out_dir).resolve()
     config = config.replace(out_dir=str(out_dir))
-    cpus = cpus_per_client or min(2, os.cpu_count() or 1)
     gpus = gpus_per_client if gpus_per_client is not None else _default_gpu_share()
+    cpus = cpus_per_client or default_cpus_per_client(gpus)
     # Workers inherit the environment: their TensorFlow uses the cores Ray gives the worker.
     os.environ["FEDAE_TF_THREADS"] = str(cpus)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -136,6 +138,29 @@ def simulate(
             "the simulation ended without writing summary.json; rerun with --verbose for Flower's log"
         )
     return json.loads(summary_path.read_text())
+
+
+WORKER_MEMORY_GIB = 1.5  # one worker measured 1.1 GiB RSS (docs/BENCHMARKS.md); the rest is headroom
+
+
+def default_cpus_per_client(
+    gpus_per_client: float, cores: int | None = None, memory_gib: float | None = None
+) -> int:
+    """CPUs per simulation worker: one worker per core, fewer workers where memory or the GPU share
+    allows fewer (each then gets more cores for its TensorFlow threads)."""
+    cores = cores or os.cpu_count() or 1
+    if memory_gib is None:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    workers = min(cores, max(1, int((memory_gib - 2.0) / WORKER_MEMORY_GIB)))
+    if gpus_per_client > 0:
+        workers = min(workers, max(1, int(_visible_gpus() / gpus_per_client)))
+    return max(1, cores // workers)
+
+
+def _visible_gpus() -> int:
+    from shared.tfenv import load_tensorflow
+
+    return len(load_tensorflow().config.list_physical_devices("GPU"))
 
 
 def _default_gpu_share() -> float:

@@ -49,3 +49,25 @@ def test_dp_sgd_trains_on_the_gpu_and_matches_the_cpu_clipped_sum() -> None:
     for gpu, cpu in zip(sums["/GPU:0"], sums["/CPU:0"], strict=True):
         # TensorFloat-32 matmuls (on by default on recent GPUs) keep about 3 significant digits.
         np.testing.assert_allclose(gpu, cpu, rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("cores", "memory_gib", "expected"),
+    [
+        (2, 24.0, 1),  # one worker per core
+        (16, 8.0, 4),  # memory for 4 workers (1.5 GiB each beside 2 GiB): 4 cores each
+        (4, 2.5, 4),  # too little memory for two: one worker with every core
+    ],
+)
+def test_one_worker_per_core_unless_memory_allows_fewer(cores: int, memory_gib: float, expected: int) -> None:
+    from simulations.runner import default_cpus_per_client
+
+    assert default_cpus_per_client(0.0, cores=cores, memory_gib=memory_gib) == expected
+
+
+def test_the_gpu_share_caps_the_workers(monkeypatch) -> None:
+    from simulations import runner
+
+    monkeypatch.setattr(runner, "_visible_gpus", lambda: 1)
+    # 16 cores and one GPU shared four ways: four workers, four cores each for their TensorFlow.
+    assert runner.default_cpus_per_client(0.25, cores=16, memory_gib=128.0) == 4

@@ -128,3 +128,19 @@ def test_epsilon_plot_draws_every_clients_points_and_the_worst_client_line() -> 
     worst = [line for line in ax.get_lines() if line.get_label() == "worst client"]
     assert list(worst[0].get_ydata()) == [0.88, 0.89]
     plt.close(fig)
+
+
+def test_client_data_cache_keeps_recent_clients_within_its_byte_budget(count_site_draws, monkeypatch) -> None:
+    from shared import task
+
+    config = FedaeConfig(num_clients=10, rows_per_site=100)
+    one_client = 100 * 207 * 4  # rows x channels x float32 (train + hold-out)
+    monkeypatch.setattr(task, "CLIENT_DATA_CACHE_BYTES", 3 * one_client)
+    monkeypatch.setattr(task, "_CLIENT_DATA", type(task._CLIENT_DATA)())
+    for client in (0, 1, 2, 0, 3):  # 0 is used again before 3 arrives: 1 is the least recent
+        task.client_data(config, client)
+    assert [key[-1] for key in task._CLIENT_DATA] == [2, 0, 3]
+    assert sum(task._nbytes(d) for d in task._CLIENT_DATA.values()) <= 3 * one_client
+    task.client_data(config, 2)  # cached: not generated again
+    task.client_data(config, 1)  # evicted: generated again
+    assert [site for site, _, purpose in count_site_draws if purpose == 0] == [0, 1, 2, 3, 1]
