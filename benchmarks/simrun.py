@@ -36,6 +36,8 @@ class MemoryPeak:
     pss: int = 0
     processes: int = 0
     samples: int = 0
+    # PSS by process name at the sample with the largest total PSS: where the memory is.
+    by_process: dict[str, int] = field(default_factory=dict)
 
     def sample(self, root: psutil.Process) -> None:
         try:
@@ -43,13 +45,17 @@ class MemoryPeak:
         except psutil.NoSuchProcess:
             return
         rss = pss = 0
+        by_process: dict[str, int] = {}
         for proc in tree:
             try:
-                info = proc.memory_full_info()
+                info, name = proc.memory_full_info(), proc.name()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             rss += info.rss
             pss += getattr(info, "pss", info.rss)
+            by_process[name] = by_process.get(name, 0) + getattr(info, "pss", info.rss)
+        if pss > self.pss:
+            self.by_process = by_process
         self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
         self.processes = max(self.processes, len(tree))
         self.samples += 1
@@ -74,11 +80,12 @@ def simulate(
     clients: int,
     rounds: int,
     run_config: str,
-    cpus_per_client: int = 2,
+    cpus_per_client: int | None = None,
     extra_env: dict[str, str] | None = None,
     interval_s: float = 0.5,
 ) -> SimRun:
-    """``fedae simulate`` with these settings (no baseline models), sampled every ``interval_s``."""
+    """``fedae simulate`` with these settings (no baseline models), sampled every ``interval_s``;
+    ``cpus_per_client`` None keeps fedae's default worker count."""
     cmd = [
         sys.executable,
         "-m",
@@ -90,8 +97,7 @@ def simulate(
         str(rounds),
         "--run-config",
         run_config,
-        "--cpus-per-client",
-        str(cpus_per_client),
+        *(["--cpus-per-client", str(cpus_per_client)] if cpus_per_client else []),
         "--no-baselines",
         "--out",
         str(out_dir),

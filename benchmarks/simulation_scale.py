@@ -15,19 +15,22 @@ import argparse
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from benchmarks.simrun import GIB, machine, simulate, write_result
 
 FEATURES = 207  # fleet telemetry channels (shared/data/fleet.py)
 
 
-def measure(clients: int, total_rows: int, rounds: int, fraction: float, batch: int) -> dict[str, float]:
+def measure(
+    clients: int, total_rows: int, rounds: int, fraction: float, batch: int, cpus: int | None
+) -> dict[str, Any]:
     rows = total_rows // clients
     run_config = (
         f"rows-per-site={rows} fraction-train={fraction} fraction-evaluate={fraction} batch-size={batch}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        run = simulate(Path(tmp) / "run", clients, rounds, run_config)
+        run = simulate(Path(tmp) / "run", clients, rounds, run_config, cpus_per_client=cpus)
     steady = run.rounds()
 
     def median(key: str) -> float:
@@ -41,6 +44,7 @@ def measure(clients: int, total_rows: int, rounds: int, fraction: float, batch: 
         "peak_rss_gib": run.memory.rss / GIB,
         "peak_pss_gib": run.memory.pss / GIB,
         "processes": run.memory.processes,
+        "pss_gib_by_process": {k: round(v / GIB, 3) for k, v in sorted(run.memory.by_process.items())},
         "first_round_s": run.summary["rounds"][0]["timing_s"]["round"],
         "round_s": median("round"),
         "train_s": median("train"),
@@ -58,6 +62,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--cpus-per-client", type=int, help="default: fedae's (one worker per core)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     print(
@@ -72,7 +77,7 @@ def main() -> None:
     print(header)
     results = []
     for clients in args.clients:
-        r = measure(clients, args.total_rows, args.rounds, args.fraction, args.batch)
+        r = measure(clients, args.total_rows, args.rounds, args.fraction, args.batch, args.cpus_per_client)
         results.append(r)
         print(
             f"{r['clients']:>7} {r['rows_per_client']:>11} {r['clients_per_round']:>9.0f} "
@@ -80,6 +85,8 @@ def main() -> None:
             f"{r['peak_rss_gib']:>12.2f} {r['peak_pss_gib']:>12.2f} {r['first_round_s']:>9.1f} "
             f"{r['round_s']:>7.2f} {r['train_s']:>7.2f} {r['fits_s']:>6.2f} {r['handlers_s']:>10.2f}"
         )
+    for r in results:
+        print(f"{r['clients']} clients, PSS GiB at the peak by process: {r['pss_gib_by_process']}")
     small, large = results[0], results[-1]
     ratios = {
         "memory": large["peak_rss_gib"] / small["peak_rss_gib"],
