@@ -88,7 +88,8 @@ def main() -> None:
     print(f"result: {path}")
     print(
         f"per-client round / local fit: {one['round_over_fit']:.2f} in the engine, "
-        f"{one['handler_over_fit']:.2f} in the ClientApp (goal <= 1.3); 2 workers / 1 worker client rounds per second: {throughput:.2f}; "
+        f"{one['handler_over_fit']:.2f} in the ClientApp (goal <= 1.3); client rounds per second, "
+        f"2 workers / 1: {throughput:.2f}; "
         f"quickstart pattern's train phase / fedae's: {speedup:.2f}"
     )
 
