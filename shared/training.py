@@ -16,9 +16,11 @@ by B. ``shared.privacy`` accounts that differently (no amplification by sampling
 Per-example gradient norms come from tensorflow-privacy's fast ("ghost") clipping
 (``clip_grads.compute_gradient_norms`` with its layer registry, extended with fedae's Conv2D and
 Conv2DTranspose functions in ``shared.conv_norms``) when every trainable layer is registered (all three
-model kinds); otherwise from exact per-example gradients with ``tf.vectorized_map``. Both give the same
-clipped sum; only the speed differs. Batches are padded to a fixed size with zero-weight rows, so shapes
-never change and nothing retraces; zero-weight rows contribute exactly zero.
+model kinds); otherwise from exact per-example gradients with ``tf.vectorized_map``. When every trainable
+layer is a Dense layer on rank-2 inputs (the dense autoencoder and the VAE), ``shared.bookkeeping`` forms
+the clipped sum from the fast norms' own forward and backward pass instead of running a second one. All
+give the same clipped sum; only the speed differs. Batches are padded to a fixed size with zero-weight rows,
+so shapes never change and nothing retraces; zero-weight rows contribute exactly zero.
 
 A trainer is built once per process and model configuration and reused across rounds and across the
 virtual clients a simulation worker serves (weights set, optimizer state reset, RNG reseeded per fit).
@@ -45,7 +47,7 @@ from tensorflow_privacy.privacy.fast_gradient_clipping import (
     layer_registry,
 )
 
-from shared import conv_norms
+from shared import bookkeeping, conv_norms
 from shared.data.errors import TrainingDataError
 from shared.models import ModelSpec, build_model, per_example_loss
 
@@ -96,9 +98,19 @@ class FitResult:
 class LocalTrainer:
     """A model plus compiled DP-SGD (or plain) training steps for one model spec and settings."""
 
-    def __init__(self, spec: ModelSpec, settings: TrainSettings, fast_norms: bool | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        settings: TrainSettings,
+        fast_norms: bool | None = None,
+        bookkeeping_clipping: bool | None = None,
+    ) -> None:
         """``fast_norms``: registered fast norms (True) or exact per-example gradients (False); None
-        takes the faster one for the model kind as measured by benchmarks/dp_overhead.py."""
+        takes the faster one for the model kind as measured by benchmarks/dp_overhead.py.
+
+        ``bookkeeping_clipping`` (with fast norms only): the clipped sum from the norms' own pass (True;
+        the model must be all Dense layers on rank-2 inputs) or from a second pass (False, tensorflow-
+        privacy's way); None uses book-keeping wherever the model allows it."""
         if settings.l2_norm_clip < 0:
             raise ValueError(f"l2_norm_clip must be >= 0 (0: no DP), got {settings.l2_norm_clip}")
         self.spec = spec
@@ -113,6 +125,12 @@ class LocalTrainer:
         self.fast_clipping = fast_norms and gradient_clipping_utils.all_trainable_layers_are_registered(
             self.model, self.registry
         )
+        supported = bookkeeping.supports_bookkeeping(self.model)
+        if bookkeeping_clipping and not (self.fast_clipping and supported):
+            raise ValueError(
+                f"book-kept clipping needs fast norms and a model of Dense layers, not {spec.kind}"
+            )
+        self.bookkeeping = self.fast_clipping and supported and bookkeeping_clipping is not False
         # Padded batch capacity: expected size + 4 standard deviations of the Poisson batch size.
         b = settings.batch_size
         self.capacity = b + math.ceil(4.0 * math.sqrt(b)) + 1
@@ -159,7 +177,11 @@ class LocalTrainer:
         self._plain_step = tf.function(self._plain_step_impl, input_signature=plain_sig, jit_compile=jit)
         self._initial_optimizer_state = [v.numpy() for v in self.optimizer.variables()]
         logger.debug(
-            "trainer for %s: fast clipping %s, capacity %d", spec.kind, self.fast_clipping, self.capacity
+            "trainer for %s: fast clipping %s, book-keeping %s, capacity %d",
+            spec.kind,
+            self.fast_clipping,
+            self.bookkeeping,
+            self.capacity,
         )
 
     # -- weights ---------------------------------------------------------------------------------------
@@ -199,7 +221,18 @@ class LocalTrainer:
         inputs, targets = self._inputs_and_targets(x)
         clip = self.settings.l2_norm_clip
         variables = self.model.trainable_variables
-        if self.fast_clipping:
+        if self.bookkeeping:
+            # One forward and one backward pass: the norms and the clipped sum from the same pass.
+            grads, losses, _ = bookkeeping.clipped_sum(
+                gradient_clipping_utils.model_forward_pass,
+                self.model,
+                self.loss_fn,
+                inputs,
+                targets,
+                weights,
+                clip,
+            )
+        elif self.fast_clipping:
             norms = clip_grads.compute_gradient_norms(
                 self.model,
                 self.registry,

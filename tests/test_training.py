@@ -278,3 +278,70 @@ def test_nearby_seeds_draw_unrelated_noise() -> None:
         assert np.intersect1d(draws[0], other).size == 0  # no shared values, shifted or not
         assert abs(np.corrcoef(draws[0], other)[0, 1]) < 5 / np.sqrt(draws[0].size)
     assert draws[0].std() == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("spec", [DENSE, DENSE_ELU, VAE], ids=["dense", "dense-elu", "vae"])
+def test_bookkept_clipped_sum_equals_the_per_example_gradient_clipped_sum(spec, rng) -> None:
+    """One pass (shared.bookkeeping) against per-example gradients taken one by one: the same norms,
+    the same clipped sum, some examples clipped and some not, padding rows contributing exactly zero."""
+    from tensorflow_privacy.privacy.fast_gradient_clipping.gradient_clipping_utils import model_forward_pass
+
+    from shared import bookkeeping
+
+    trainer = LocalTrainer(spec, TrainSettings(8, 1e-3, 1.0))
+    assert trainer.bookkeeping
+    n, pad = 9, 4
+    x = tf.constant(_data(spec, n + pad, rng, scale=2.0))
+    weights = tf.constant([1.0] * n + [0.0] * pad)
+    eps = tf.constant(rng.normal(size=(n + pad, spec.latent_dim)).astype(np.float32))
+    inputs = [x, eps] if spec.kind == "vae" else x
+    variables = trainer.model.trainable_variables
+    slow_grads, slow_norms = [], []
+    for i in range(n):  # each example's own loss, differentiated the obvious way
+        one = [x[i : i + 1], eps[i : i + 1]] if spec.kind == "vae" else x[i : i + 1]
+        with tf.GradientTape() as tape:
+            loss = trainer.loss_fn(x[i : i + 1], trainer.model(one, training=True))[0]
+        grads = [g.numpy().astype(np.float64) for g in tape.gradient(loss, variables)]
+        slow_grads.append(grads)
+        slow_norms.append(_norm(grads))
+    clip = float(np.median(slow_norms))  # about half the examples clipped
+    expected = [
+        sum(g[k] * min(1.0, clip / norm) for g, norm in zip(slow_grads, slow_norms, strict=True))
+        for k in range(len(variables))
+    ]
+    summed, losses, norms = bookkeeping.clipped_sum(
+        model_forward_pass, trainer.model, trainer.loss_fn, inputs, x, weights, clip
+    )
+    np.testing.assert_allclose(norms.numpy()[:n], slow_norms, rtol=1e-4)
+    assert np.all(norms.numpy()[n:] == 0.0)  # padding: g = 0 exactly, so nothing of it reaches the sum
+    assert 0 < sum(norm > clip for norm in slow_norms) < n
+    for got, want in zip(summed, expected, strict=True):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    np.testing.assert_allclose(losses.numpy(), trainer.loss_fn(x, trainer.model(inputs)).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [DENSE, VAE], ids=["dense", "vae"])
+def test_bookkeeping_and_two_pass_fast_clipping_give_the_same_compiled_clipped_sum(spec, rng) -> None:
+    """The trainers' compiled (XLA) clipped sums, book-kept and tensorflow-privacy's two passes, for the
+    same weights and the same model noise."""
+    x = tf.constant(_data(spec, 40, rng, scale=2.0))
+    one_pass = LocalTrainer(spec, TrainSettings(8, 1e-3, 0.05))
+    two_pass = LocalTrainer(spec, TrainSettings(8, 1e-3, 0.05), bookkeeping_clipping=False)
+    assert one_pass.bookkeeping and two_pass.fast_clipping and not two_pass.bookkeeping
+    two_pass.set_weights(one_pass.get_weights())
+    indices = rng.choice(40, size=11, replace=False)
+    results = []
+    for trainer in (one_pass, two_pass):
+        trainer._reseed(5)  # the VAE's eps: the same draw for both
+        results.append(trainer._clipped_sum_for(x, indices))
+    (a, loss_a), (b, loss_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for got, want in zip(a, b, strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
+def test_bookkeeping_only_for_models_of_dense_layers() -> None:
+    assert not LocalTrainer(CONV, TrainSettings(4, 1e-3, 1.0), fast_norms=True).bookkeeping
+    assert not LocalTrainer(DENSE, TrainSettings(4, 1e-3, 1.0), fast_norms=False).bookkeeping
+    with pytest.raises(ValueError, match="book-kept clipping needs"):
+        LocalTrainer(CONV, TrainSettings(4, 1e-3, 1.0), fast_norms=True, bookkeeping_clipping=True)
