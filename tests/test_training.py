@@ -345,3 +345,21 @@ def test_bookkeeping_only_for_models_of_dense_layers() -> None:
     assert not LocalTrainer(DENSE, TrainSettings(4, 1e-3, 1.0), fast_norms=False).bookkeeping
     with pytest.raises(ValueError, match="book-kept clipping needs"):
         LocalTrainer(CONV, TrainSettings(4, 1e-3, 1.0), fast_norms=True, bookkeeping_clipping=True)
+
+
+def test_without_xla_batches_are_padded_to_the_next_size_and_padding_adds_nothing(rng) -> None:
+    spec = CONV
+    trainer = LocalTrainer(spec, TrainSettings(16, 1e-3, 1.0))
+    assert trainer.pad_sizes == (16, 20, 24, trainer.capacity) and trainer.capacity == 33
+    dense = LocalTrainer(DENSE, TrainSettings(16, 1e-3, 1.0))
+    assert dense.pad_sizes == (dense.capacity,)  # XLA compiles per shape: one size
+    x = tf.constant(_data(spec, 60, rng))
+    for rows, padded_to in ((12, 16), (17, 20), (21, 24), (30, 33)):
+        chunk = rng.choice(60, rows, replace=False)
+        idx, weights = trainer._padded(chunk)
+        assert len(idx) == padded_to and float(tf.reduce_sum(weights)) == rows
+        by_size = trainer._clipped_sum(x, idx, weights)[0]
+        full = trainer._clipped_sum(x, *trainer._padded(chunk, trainer.capacity))[0]
+        for a, b in zip(by_size, full, strict=True):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    assert trainer.trace_count == 1  # one trace serves every size
