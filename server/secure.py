@@ -249,6 +249,7 @@ def run_secagg_rounds(
     legacy_context = LegacyContext(
         context=context, config=ServerConfig(num_rounds=config.num_server_rounds), strategy=strategy
     )
+    book.recorder.end_round(0)  # round 1's clock starts with the workflow, as on the plain path
     workflow(watch, legacy_context)  # type: ignore[arg-type]
     strategy.flush()
     fit = workflow.fit_workflow

@@ -80,7 +80,10 @@ class RoundRecorder:
 
     def round_timing(self, server_round: int) -> dict[str, float | None]:
         """Seconds of the round so far: whole, until all train replies, then evaluate, then the server's
-        own work; and the clients' summed fit and handler times (one worker runs them one by one)."""
+        own work; and the clients' summed fit and handler times (one worker runs them one by one).
+
+        Under SecAgg+ "train" ends with the last masked-vector reply, so the unmasking stage and the
+        server's calibration loss fall in "evaluate" (the legacy workflow evaluates centrally first)."""
         now = time.perf_counter()
         train_end, eval_end = self.phase_ended.get("train"), self.phase_ended.get("evaluate")
         replies = self.train.get(server_round, {}).values()

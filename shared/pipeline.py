@@ -97,8 +97,9 @@ def privacy_section(config: FedaeConfig, record: PrivacyRecord) -> dict[str, Any
         "not_covered": (
             "per-round scalar metrics each client reports (training loss, held-out loss, evaluation "
             "AUC where it has labels, example count, seconds spent on the fit and the round) are sent in "
-            "the clear and are outside the DP guarantee; each client's example count n is treated as "
-            "public"
+            "the clear and are outside the DP guarantee, as is any timing side channel (for the conv "
+            "model a fit's time also depends on its sampled batch sizes); each client's example count n "
+            "is treated as public"
         )
         if dp
         else None,

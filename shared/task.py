@@ -96,8 +96,9 @@ def trainer_for(config: FedaeConfig, spec: DataSpec, scaler: Scaler) -> LocalTra
 # Client data a process keeps, least recently used first out past this many bytes. A simulation worker
 # serves many virtual clients and a client sampled again (or evaluated after it trained) should not
 # regenerate or reread its data; the budget bounds the worker's memory when the federation's data does
-# not fit (1,000 fleet clients of 200 rows are 166 MB in all).
-CLIENT_DATA_CACHE_BYTES = int(os.environ.get("FEDAE_CLIENT_DATA_CACHE_MB", "1024")) * 2**20
+# not fit (1,000 fleet clients of 200 rows are 166 MB in all). The runner counts it in each worker's
+# memory (simulations.runner.WORKER_MEMORY_GIB).
+CLIENT_DATA_CACHE_BYTES = int(os.environ.get("FEDAE_CLIENT_DATA_CACHE_MB", "256")) * 2**20
 _CLIENT_DATA: OrderedDict[tuple[object, ...], ClientData] = OrderedDict()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -140,7 +141,9 @@ def simulate(
     return json.loads(summary_path.read_text())
 
 
-WORKER_MEMORY_GIB = 1.5  # one worker measured 1.1 GiB RSS (docs/BENCHMARKS.md); the rest is headroom
+# One worker measured 1.1 GiB RSS (docs/BENCHMARKS.md), plus up to FEDAE_CLIENT_DATA_CACHE_MB (256 MiB)
+# of cached client data.
+WORKER_MEMORY_GIB = 1.5
 
 
 def default_cpus_per_client(
@@ -154,7 +157,8 @@ def default_cpus_per_client(
     workers = min(cores, max(1, int((memory_gib - 2.0) / WORKER_MEMORY_GIB)))
     if gpus_per_client > 0:
         workers = min(workers, max(1, int(_visible_gpus() / gpus_per_client)))
-    return max(1, cores // workers)
+    # Rounded up: Ray starts cores // cpus workers, which must not exceed the count chosen here.
+    return math.ceil(cores / workers)
 
 
 def _visible_gpus() -> int:

@@ -57,6 +57,7 @@ def test_dp_sgd_trains_on_the_gpu_and_matches_the_cpu_clipped_sum() -> None:
         (2, 24.0, 1),  # one worker per core
         (16, 8.0, 4),  # memory for 4 workers (1.5 GiB each beside 2 GiB): 4 cores each
         (4, 2.5, 4),  # too little memory for two: one worker with every core
+        (16, 11.0, 3),  # memory for 6: 3 cores each, so Ray starts 5 (2 each would start 8)
     ],
 )
 def test_one_worker_per_core_unless_memory_allows_fewer(cores: int, memory_gib: float, expected: int) -> None:

@@ -1,8 +1,6 @@
 """Many simulated clients: data is generated only when a client is sampled, the coordinator's data does
 not grow with the number of sites, accounting is not repeated, and the report stays readable."""
 
-import itertools
-
 import numpy as np
 import pytest
 
@@ -47,12 +45,20 @@ def test_counted_rows_equal_the_rows_a_client_then_generates(count_site_draws) -
     assert [call for call in count_site_draws if call[2] == 0] == [(6, 200, 0), (6, 4000, 0)]
 
 
-def test_reference_sites_span_the_fleet_and_cap_at_twenty() -> None:
+@pytest.mark.parametrize("sites", [21, 25, 50, 500, 1000])
+def test_reference_sites_cover_every_archetype_over_its_shifts_and_cap_at_twenty(sites: int) -> None:
+    chosen = sources.reference_sites(sites)
+    assert len(chosen) == 20 == len(set(chosen)) and all(0 <= s < sites for s in chosen)
+    for archetype in range(fleet.NUM_ARCHETYPES):
+        mine = [s for s in chosen if s % fleet.NUM_ARCHETYPES == archetype]
+        assert len(mine) == 4
+        # From the archetype's first site to its last (coolest to warmest shift).
+        assert mine[0] == archetype and mine[-1] + fleet.NUM_ARCHETYPES >= sites
+
+
+def test_twenty_or_fewer_sites_are_all_reference_sites() -> None:
     assert sources.reference_sites(5) == [0, 1, 2, 3, 4]
     assert sources.reference_sites(20) == list(range(20))
-    many = sources.reference_sites(1000)
-    assert len(many) == 20 and many[0] == 0 and many[-1] == 999
-    assert all(b - a in (52, 53) for a, b in itertools.pairwise(many))  # evenly spread
 
 
 def test_pooled_fleet_partitions_generate_each_site_once_per_process(count_site_draws) -> None:

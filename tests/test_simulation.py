@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -29,12 +30,15 @@ def test_two_clients_two_rounds_with_dp_end_to_end(tmp_path) -> None:
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert all(r["clients"] == [0, 1] for r in summary["rounds"])
     assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["eval_loss"]) for r in summary["rounds"])
-    # Where each round's time went: the phases add up to the round, and each client's fit is part of
-    # its handler's time.
+    # Where each round's time went, against facts measured elsewhere: the rounds fit in the run's wall
+    # time, a fit is part of its client's handler, and the handlers (at most one per worker at a time)
+    # fit in the train phase.
+    assert sum(r["timing_s"]["round"] for r in summary["rounds"]) < summary["wall_time_s"]
     for row in summary["rounds"]:
         t = row["timing_s"]
-        assert t["train"] + t["evaluate"] + t["server"] == pytest.approx(t["round"], abs=2e-3)
         assert 0 < t["clients_fit_sum"] < t["clients_handler_sum"]
+        parallel = min(len(row["clients"]), os.cpu_count() or 1)
+        assert t["train"] >= t["clients_handler_sum"] / parallel
 
     # Privacy: each client's epsilon is cumulative over both rounds, recomputed here independently.
     p = summary["privacy"]
@@ -200,10 +204,11 @@ def test_secagg_plus_run_with_dp_end_to_end(tmp_path) -> None:
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert all(r["clients"] == [0, 1, 2] for r in summary["rounds"])
     assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["eval_loss"]) for r in summary["rounds"])
-    # Each round's clock starts when the previous round closed, not at the start of the run.
-    first, second = (r["timing_s"] for r in summary["rounds"])
-    assert 0 < second["train"] < second["round"] and second["clients_fit_sum"] > 0
-    assert first["train"] + first["evaluate"] + first["server"] == pytest.approx(first["round"], abs=2e-3)
+    # Each round's clock starts when the previous round closed (round 1's when the workflow starts),
+    # not at the start of the run: together the rounds fit in the run's wall time.
+    assert sum(r["timing_s"]["round"] for r in summary["rounds"]) < summary["wall_time_s"]
+    second = summary["rounds"][1]["timing_s"]
+    assert 0 < second["train"] < second["round"] and 0 < second["clients_fit_sum"] < second["train"] * 3
     assert summary["best_round"] in (1, 2)
     assert load_bundle(tmp_path / "secagg" / "bundle").threshold == pytest.approx(
         summary["detector"]["threshold"]

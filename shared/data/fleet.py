@@ -54,17 +54,20 @@ class SiteProfile:
     resistance_scale: float  # pack age
 
 
+_ARCHETYPES = [
+    SiteProfile(4.0, 9.0, 1.4, 0.15, 1.00),  # cool, heavy use
+    SiteProfile(12.0, 8.0, 1.2, 0.25, 1.08),  # temperate
+    SiteProfile(22.0, 8.0, 1.0, 0.20, 1.15),  # warm, older packs
+    SiteProfile(16.0, 10.0, 1.3, 0.30, 1.04),  # urban delivery
+    SiteProfile(8.0, 7.0, 0.9, 0.35, 1.10),  # light use
+]
+NUM_ARCHETYPES = len(_ARCHETYPES)  # site k is archetype k mod 5, shifted 1.5 C warmer per cycle
+
+
 def site_profile(site: int) -> SiteProfile:
     """Site ``k``'s climate, usage and age; sites cycle through five archetypes with a small offset."""
-    archetypes = [
-        SiteProfile(4.0, 9.0, 1.4, 0.15, 1.00),  # cool, heavy use
-        SiteProfile(12.0, 8.0, 1.2, 0.25, 1.08),  # temperate
-        SiteProfile(22.0, 8.0, 1.0, 0.20, 1.15),  # warm, older packs
-        SiteProfile(16.0, 10.0, 1.3, 0.30, 1.04),  # urban delivery
-        SiteProfile(8.0, 7.0, 0.9, 0.35, 1.10),  # light use
-    ]
-    base = archetypes[site % len(archetypes)]
-    shift = (site // len(archetypes)) * 1.5
+    base = _ARCHETYPES[site % NUM_ARCHETYPES]
+    shift = (site // NUM_ARCHETYPES) * 1.5
     return SiteProfile(
         base.ambient_mean + shift,
         base.ambient_swing,

@@ -111,10 +111,18 @@ def _fleet_pool(seed: int, num_sites: int, rows_per_site: int) -> np.ndarray:
 
 
 def reference_sites(num_sites: int) -> list[int]:
-    """The sites the coordinator's calibration and test vehicles come from (all, up to 20)."""
+    """The sites the coordinator's calibration and test vehicles come from: all, up to 20; beyond, four
+    of each of the fleet's five archetypes (site k is archetype k mod 5), spread over its shifts."""
     if num_sites <= FLEET_REFERENCE_SITES:
         return list(range(num_sites))
-    return sorted({int(s) for s in np.linspace(0, num_sites - 1, FLEET_REFERENCE_SITES).round()})
+    archetypes = fleet.NUM_ARCHETYPES
+    per_archetype = FLEET_REFERENCE_SITES // archetypes
+    sites: set[int] = set()
+    for archetype in range(archetypes):
+        last_cycle = (num_sites - 1 - archetype) // archetypes
+        cycles = np.linspace(0, last_cycle, per_archetype).round().astype(int)
+        sites.update(archetype + archetypes * int(c) for c in cycles)
+    return sorted(sites)
 
 
 def _fleet_server(config: FedaeConfig) -> ServerData:
