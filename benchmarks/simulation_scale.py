@@ -92,9 +92,8 @@ def main() -> None:
         "memory": large["peak_rss_gib"] / small["peak_rss_gib"],
         "round_time": large["round_s"] / small["round_s"],
     }
-    path = write_result(
-        "simulation_scale", {"machine": machine(), "args": vars(args), "runs": results, **ratios}
-    )
+    name = "simulation_scale" + (f"_cpus{args.cpus_per_client}" if args.cpus_per_client else "")
+    path = write_result(name, {"machine": machine(), "args": vars(args), "runs": results, **ratios})
     print(f"result: {path}")
     print(
         f"{large['clients']} vs {small['clients']} clients, same data: peak memory (RSS) ratio "

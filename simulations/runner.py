@@ -2,9 +2,9 @@
 
 Worker count: Flower gives each simulated client 2 CPUs by default, which on a 2-core machine means one
 client trains at a time. fedae instead starts one worker per core, each with a one-thread TensorFlow:
-measured on 2 cores (benchmarks/round_overhead.py, docs/BENCHMARKS.md), two one-thread workers run 1.7x
-the client rounds per second of one two-thread worker, because TensorFlow's intra-op threads barely
-speed up steps this small. Each worker costs about 1.1 GiB (its own TensorFlow, model and compiled
+measured on 2 cores (benchmarks/round_overhead.py, docs/BENCHMARKS.md), two one-thread workers run
+1.3-1.7x the client rounds per second of one two-thread worker, because TensorFlow's intra-op threads
+barely speed up steps this small. Each worker costs about 1.1 GiB (its own TensorFlow, model and compiled
 functions), so memory caps the count (``WORKER_MEMORY_GIB`` each, beside 2 GiB for the driver and Ray),
 and with a GPU the fractional ``num_gpus`` share does (four clients per GPU by default).
 """
