@@ -104,14 +104,17 @@ def test_two_clients_two_rounds_with_dp_end_to_end(tmp_path) -> None:
 
 def test_no_dp_run_says_so_and_has_null_privacy_figures(tmp_path) -> None:
     config = wdbc_config(tmp_path / "plain", num_server_rounds=1, noise_multiplier=0.0, l2_norm_clip=0.0)
-    summary = simulate(config)
+    summary = simulate(config, compare_baselines=False)
     p = summary["privacy"]
     assert p["dp"] is False
     assert p["delta"] is None and p["accountant"] is None and p["sampling"] is None
     assert p["sample_level"]["max_epsilon"] is None
     assert p["sample_level"]["per_client"] == {"0": None, "1": None}
     assert p["sample_level"]["per_round_max_epsilon"] is None
-    assert "no DP" in (tmp_path / "plain" / "report.md").read_text()
+    report = (tmp_path / "plain" / "report.md").read_text()
+    assert "no DP" in report
+    # --no-baselines: no central reference model was trained, and the report says so.
+    assert summary["comparison"] == {} and "Not run (`--no-baselines`)" in report
     assert load_bundle(tmp_path / "plain" / "bundle").metadata["privacy"]["dp"] is False
 
 
