@@ -54,9 +54,9 @@ from shared.models import ModelSpec, build_model, per_example_loss
 
 SAMPLINGS = ("poisson", "shuffle")
 # Measured with benchmarks/dp_overhead.py on CPU (docs/BENCHMARKS.md): for the small conv autoencoder,
-# exact per-example gradients (vectorized_map) cost ~1.2x a plain epoch, fast norms plus their second
-# backward pass ~2.2x; for the dense models fast norms win by far. XLA speeds up the dense models and
-# slows CPU convolutions, so it compiles dense and VAE steps only.
+# exact per-example gradients (vectorized_map) cost 1.7x a plain epoch, fast norms plus their second
+# backward pass 2.5x; for the dense models fast (there: book-kept) norms win by far (2.3x against 31x).
+# XLA speeds up the dense models and slows CPU convolutions, so it compiles dense and VAE steps only.
 FAST_NORMS_BY_KIND = {"dense": True, "vae": True, "conv": False}
 XLA_KINDS = ("dense", "vae")
 __all__ = ["SAMPLINGS", "FitResult", "LocalTrainer", "TrainSettings", "TrainingDataError", "get_trainer"]
