@@ -304,9 +304,6 @@ class LocalTrainer:
         self._update_impl(grad_sum, noise)
         return loss
 
-    def _apply_noisy(self, grad_sum: list[tf.Tensor]) -> None:
-        self._update(grad_sum, self._standard_noise())
-
     def _with_proximal(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
         return [
             g + self.proximal_mu * (w - a)

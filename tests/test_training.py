@@ -165,7 +165,7 @@ def test_no_noise_and_huge_clip_matches_plain_training(rng) -> None:
     plain.set_weights(dp.get_weights())
     everything = np.arange(16)
     for _ in range(3):
-        dp._apply_noisy(dp._clipped_sum_for(tf.constant(x), everything)[0])
+        dp._update(dp._clipped_sum_for(tf.constant(x), everything)[0], dp._standard_noise())
         plain._plain_step(tf.constant(x), *plain._padded(everything, 16))
     for a, b in zip(dp.get_weights(), plain.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -257,7 +257,7 @@ def test_noise_drawn_ahead_on_a_worker_equals_drawing_it_step_by_step(spec, sett
     x_all = tf.constant(x)
     pipelined._fit_dp(x_all, batches)
     for indices in batches:
-        sequential._apply_noisy(sequential._clipped_sum_for(x_all, indices)[0])
+        sequential._update(sequential._clipped_sum_for(x_all, indices)[0], sequential._standard_noise())
     for a, b in zip(pipelined.get_weights(), sequential.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     # One draw per step, none ahead of the last: both noise streams end in the same place.
