@@ -98,7 +98,14 @@ def trainer_for(config: FedaeConfig, spec: DataSpec, scaler: Scaler) -> LocalTra
 # regenerate or reread its data; the budget bounds the worker's memory when the federation's data does
 # not fit (1,000 fleet clients of 200 rows are 166 MB in all). The runner counts it in each worker's
 # memory (simulations.runner.WORKER_MEMORY_GIB).
-CLIENT_DATA_CACHE_BYTES = int(os.environ.get("FEDAE_CLIENT_DATA_CACHE_MB", "256")) * 2**20
+def _cache_megabytes(name: str = "FEDAE_CLIENT_DATA_CACHE_MB", default: str = "256") -> int:
+    raw = os.environ.get(name, default)
+    if not raw.strip().isdigit():
+        raise ValueError(f"{name} must be a whole number of megabytes (0 or more), got {raw!r}")
+    return int(raw)
+
+
+CLIENT_DATA_CACHE_BYTES = _cache_megabytes() * 2**20
 _CLIENT_DATA: OrderedDict[tuple[object, ...], ClientData] = OrderedDict()
 
 

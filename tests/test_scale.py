@@ -150,3 +150,13 @@ def test_client_data_cache_keeps_recent_clients_within_its_byte_budget(count_sit
     task.client_data(config, 2)  # cached: not generated again
     task.client_data(config, 1)  # evicted: generated again
     assert [site for site, _, purpose in count_site_draws if purpose == 0] == [0, 1, 2, 3, 1]
+
+
+def test_a_bad_cache_size_names_the_variable_and_the_value(monkeypatch) -> None:
+    from shared import task
+
+    monkeypatch.setenv("FEDAE_CLIENT_DATA_CACHE_MB", "1GB")
+    with pytest.raises(ValueError, match=r"FEDAE_CLIENT_DATA_CACHE_MB must be a whole number .*'1GB'"):
+        task._cache_megabytes()
+    monkeypatch.setenv("FEDAE_CLIENT_DATA_CACHE_MB", "64")
+    assert task._cache_megabytes() == 64
