@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 from shared.tfenv import configure_tensorflow, load_tensorflow
 
@@ -23,7 +22,7 @@ tf = load_tensorflow()  # the import-time switches before TensorFlow and tensorf
 
 import numpy as np
 
-from benchmarks.dp_overhead import SPECS
+from benchmarks.dp_overhead import SPECS, epoch_seconds
 from benchmarks.simrun import machine, write_result
 from shared.training import LocalTrainer, TrainSettings
 
@@ -36,14 +35,12 @@ def examples_per_second(
     with tf.device(device):
         plain = LocalTrainer(spec, TrainSettings(batch, 1e-3, 0.0))
         private = LocalTrainer(spec, TrainSettings(batch, 1e-3, 1.0))
-        plain.fit(x, epochs=1, seed=0)  # build, trace and compile: not timed
-        private.fit(x, epochs=1, noise_multiplier=1.0, seed=0)
+        epoch_seconds(plain, x, 0.0, 0)  # build, trace and compile: not timed
+        epoch_seconds(private, x, 1.0, 0)
         times: dict[str, list[float]] = {"plain": [], "dp": []}
         for i in range(repeats):
-            for name, trainer, noise in (("plain", plain, 0.0), ("dp", private, 1.0)):
-                start = time.perf_counter()
-                trainer.fit(x, epochs=1, noise_multiplier=noise, seed=i + 1)
-                times[name].append(time.perf_counter() - start)
+            times["plain"].append(epoch_seconds(plain, x, 0.0, i + 1))
+            times["dp"].append(epoch_seconds(private, x, 1.0, i + 1))
     plain_s, dp_s = statistics.median(times["plain"]), statistics.median(times["dp"])
     return {"device": device, "model": kind, "plain_eps": rows / plain_s, "dp_eps": rows / dp_s}
 

@@ -169,7 +169,4 @@ def _visible_gpus() -> int:
 
 def _default_gpu_share() -> float:
     """Let up to four simulated clients share each visible GPU; none on a CPU-only machine."""
-    from shared.tfenv import load_tensorflow
-
-    tf = load_tensorflow()
-    return 0.25 if tf.config.list_physical_devices("GPU") else 0.0
+    return 0.25 if _visible_gpus() else 0.0
