@@ -1,7 +1,13 @@
 """The ClientApp: reads a train/evaluate message, calls ``shared.task``, packs the reply.
 
 The client's privacy ledger is an SQLite file on the client's side (``shared.ledger``), at
-``<state-dir>/client-<partition-id>/``; a site's node config may set its own ``state-dir``. Every
+``<state-dir>/client-<partition-id>/``; a site's node config may set its own ``state-dir``.
+
+Node config a deployed site's SuperNode passes (``fedae supernode`` sets them): ``partition-id`` (the
+site's client id, unique in the federation), ``site`` (its name, for messages), ``data-file`` (its own
+CSV/Parquet/NPZ file; without it the client takes its part of the run's scenario, as in simulation),
+``state-dir`` and ``target-epsilon``. Bad data is answered with an error reply that names the site and
+the problem (``DATA_ERROR``); it never stops the SuperNode. Every
 training is charged there before it runs (so before any weights leave), and the epsilon it reports
 composes every event in its ledger (all rounds, all runs).
 
@@ -17,6 +23,7 @@ load_tensorflow()  # flwr imports TensorFlow itself; load it first, quietly and 
 
 # isort: split
 
+import logging
 import math
 import time
 
@@ -33,13 +40,16 @@ from client.secure import (
     read_instructions,
     secaggplus_when_asked,
 )
-from shared.config import FedaeConfig
+from shared.config import ConfigError, FedaeConfig
+from shared.data.errors import DataError
+from shared.data.sources import DataSpec
 from shared.ledger import PrivacyLedger, ledger_path
 from shared.privacy import PrivacyRefusal
-from shared.setup import SECAGG_CLIPPED, UNIT_WEIGHT, decode_setup
-from shared.task import evaluate_client, train_client
+from shared.setup import DATA_ERROR, SECAGG_CLIPPED, UNIT_WEIGHT, decode_setup
+from shared.task import SiteData, evaluate_client, train_client
 
 app = ClientApp()
+logger = logging.getLogger("fedae.client")
 
 
 def _client_id(context: Context) -> int:
@@ -47,6 +57,25 @@ def _client_id(context: Context) -> int:
     if "partition-id" not in node_config:
         raise ValueError("node config needs 'partition-id' (the index of this site's data)")
     return int(node_config["partition-id"])
+
+
+def _site(context: Context, spec: DataSpec) -> SiteData | None:
+    """The site's own data file from node config, checked against the run's ``spec`` when read."""
+    path = str(context.node_config.get("data-file", "") or "")
+    return SiteData(path, spec) if path else None
+
+
+def _site_name(context: Context) -> str:
+    name = context.node_config.get("site", "")
+    return f"site {name!r} (client-id={_client_id(context)})" if name else f"client-id={_client_id(context)}"
+
+
+def _data_error(msg: Message, context: Context, err: Exception) -> Message:
+    """An error reply naming the site and why its data cannot be used; nothing was trained or charged
+    (data is read before the ledger is touched)."""
+    reason = f"{_site_name(context)}: {err}"
+    logger.error("%s", reason)
+    return Message(error=Error(code=DATA_ERROR, reason=reason), reply_to=msg)
 
 
 def _state_dir(config_state_dir: str, context: Context) -> str:
@@ -106,9 +135,12 @@ def train(msg: Message, context: Context) -> Message:
                 ledger,
                 str(context.run_id),
                 target_epsilon=budget,
+                site=_site(context, spec),
             )
     except PrivacyRefusal as refusal:
         return Message(error=Error(code=refusal.code, reason=str(refusal)), reply_to=msg)
+    except (DataError, ConfigError, OSError) as err:
+        return _data_error(msg, context, err)
     metrics = {
         "train-loss": outcome.train_loss,
         "num-examples": outcome.num_examples,
@@ -138,7 +170,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     weights, setup_values = read_instructions(msg)
     config, spec, scaler = decode_setup(setup_values)
     client_id = _client_id(context)
-    metrics = evaluate_client(config, spec, scaler, weights, client_id)
+    try:
+        metrics = evaluate_client(config, spec, scaler, weights, client_id, _site(context, spec))
+    except (DataError, ConfigError, OSError) as err:
+        return _data_error(msg, context, err)
     metrics |= {"client-id": client_id, UNIT_WEIGHT: 1.0}
     if is_legacy(msg):
         return Message(content=evaluate_reply(metrics), reply_to=msg)

@@ -42,9 +42,19 @@ class RoundBook:
         held_out = self.recorder.evaluate.get(server_round, {})
         self.latest_epsilon.update({cid: m["epsilon"] for cid, m in train.items() if "epsilon" in m})
         epsilons = list(self.latest_epsilon.values())
+        rejected = self.recorder.rejected.get(server_round, {})
+        withheld = self.recorder.withheld.get(server_round)
+        norms = [m["update-norm"] for m in train.values() if "update-norm" in m]
         row = {
             "round": server_round,
-            "clients": sorted(train),
+            # Whose updates were aggregated; clients whose update was rejected trained (and spent
+            # privacy) all the same, and are listed with the reason; failed replies name their node.
+            "clients": [] if withheld else sorted(set(train) - set(rejected)),
+            "trained": sorted(train),
+            "not_aggregated": withheld,
+            "rejected": {str(c): reason for c, reason in sorted(rejected.items())},
+            "failed": list(self.recorder.failed.get(server_round, [])),
+            "max_update_norm": max(norms) if norms else None,
             "train_loss": _weighted(train, "train-loss"),
             "eval_loss": _weighted(held_out, "eval-loss"),
             "calibration_loss": loss,
@@ -53,10 +63,10 @@ class RoundBook:
         }
         self.rows.append(row)
         logger.info(
-            "round %d/%d: %d clients, train loss %.4f, held-out loss %.4f, calibration loss %.4f%s",
+            "round %d/%d: %d clients aggregated, train loss %.4f, held-out loss %.4f, calibration %.4f%s",
             server_round,
             config.num_server_rounds,
-            len(train),
+            len(row["clients"]),
             row["train_loss"],
             row["eval_loss"],
             loss,

@@ -9,6 +9,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
@@ -17,6 +18,7 @@ from server import client_dp
 from shared.config import FedaeConfig, clients_per_round
 from shared.privacy import REFUSAL_CODES
 from shared.setup import UNIT_WEIGHT
+from shared.updates import check_update
 
 logger = logging.getLogger("fedae.server")
 
@@ -34,6 +36,11 @@ class RoundRecorder:
     # where a round's wall time goes, for summary.json and benchmarks/simulation_scale.py.
     round_started: float = field(default_factory=time.perf_counter)
     phase_ended: dict[str, float] = field(default_factory=dict)
+    # Per round: client id -> why its update was not aggregated (it trained and spent privacy all the
+    # same); and the train messages that came back as errors: {"node", "client", "code", "reason"}.
+    rejected: dict[int, dict[int, str]] = field(default_factory=lambda: defaultdict(dict))
+    failed: dict[int, list[dict]] = field(default_factory=lambda: defaultdict(list))
+    withheld: dict[int, str] = field(default_factory=dict)  # round -> why nothing was aggregated
 
     def _capture(
         self, store: dict[int, dict[int, dict[str, float]]], contents: list[RecordDict], weight_key: str
@@ -54,6 +61,7 @@ class RoundRecorder:
             "noise-multiplier",
             "fit-seconds",
             "handler-seconds",
+            "update-norm",
             UNIT_WEIGHT,
         }:
             values = [(float(m[key]), float(m[weight_key])) for m in rows if key in m]
@@ -67,8 +75,10 @@ class RoundRecorder:
 
     @staticmethod
     def record(store: dict[int, dict[int, dict[str, float]]], server_round: int, metrics: dict) -> None:
-        """Keep one client's reply (it names itself with ``client-id``) under ``server_round``."""
-        store[server_round][int(metrics["client-id"])] = {k: float(v) for k, v in metrics.items()}
+        """Keep one client's reply (it names itself with ``client-id``) under ``server_round``, beside what
+        the server added to it (its update's norm)."""
+        kept = store[server_round].setdefault(int(metrics["client-id"]), {})
+        kept.update({k: float(v) for k, v in metrics.items()})
 
     def aggregate_train(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
         self.phase_ended["train"] = time.perf_counter()
@@ -131,7 +141,12 @@ def build_strategy(config: FedaeConfig, recorder: RoundRecorder, num_clients: in
         base, extra = FedAdam, {"eta": config.server_learning_rate, "eta_l": config.learning_rate}
     elif config.strategy == "fedprox":
         base, extra = FedProx, {"proximal_mu": config.proximal_mu}
-    mixin = {"min_clients": minimum, "recorder": recorder}
+    mixin = {
+        "min_clients": minimum,
+        "recorder": recorder,
+        "max_update_norm": config.max_update_norm,
+        "all_or_nothing": config.client_dp_enabled,
+    }
     if not config.client_dp_enabled:
         cls = type(f"BudgetAware{base.__name__}", (ExcludeExhausted, base), mixin)
         return cls(**common, **extra)
@@ -164,18 +179,31 @@ class _GridWithout:
 
 
 class ExcludeExhausted:
-    """Strategy mixin: clients that replied "budget exhausted" get no further train or evaluate messages.
+    """Strategy mixin that guards each round: clients that replied "budget exhausted" get no further
+    train or evaluate messages; every returned model is checked (``shared.updates``) and a bad one is
+    left out of the aggregate; failed replies (a site's data error, a node that went away) are logged
+    with the client they were for.
 
     Placed before a Flower strategy in the class bases, it filters the messages the strategy configures
-    and reads the error replies before the strategy aggregates the rest.
+    and reads the replies before the strategy aggregates the rest.
     """
 
     min_clients: int = 1
     recorder: RoundRecorder | None = None
+    max_update_norm: float = 0.0
+    # Client-level DP calibrates its noise to every sampled client's update: with one left out the
+    # round's release would not have the stated guarantee, so nothing is aggregated (as Flower's DP
+    # wrappers do with an error reply).
+    all_or_nothing: bool = False
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.exhausted: dict[int, str] = {}  # node id -> the client's reason
+        self._sent_arrays: list[np.ndarray] = []
+        self._sent: list[
+            Message
+        ] = []  # this round's train messages: their ids name the node an error was for
+        self._node_client: dict[int, int] = {}  # node id -> the client id it last replied as
 
     def _open(self, messages: Iterable[Message]) -> list[Message]:
         return [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
@@ -194,7 +222,9 @@ class ExcludeExhausted:
                 f"min-available-clients {self.min_clients}; ending the run before round "
                 f"{server_round}"
             )
-        return self._open(super().configure_train(server_round, arrays, config, self._grid(grid)))  # type: ignore[misc]
+        self._sent_arrays = arrays.to_numpy_ndarrays()
+        self._sent = self._open(super().configure_train(server_round, arrays, config, self._grid(grid)))  # type: ignore[misc]
+        return self._sent
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -206,16 +236,79 @@ class ExcludeExhausted:
         return self._open(super().configure_evaluate(server_round, arrays, config, open_grid))  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[object, object]:
-        replies = list(replies)
+        kept, rejected = [], 0
         for reply in replies:
-            if reply.has_error() and reply.error.code in REFUSAL_CODES:
-                self.exhausted[reply.metadata.src_node_id] = reply.error.reason
-                logger.warning("round %d: %s; excluded from later rounds", server_round, reply.error.reason)
-            elif not reply.has_error() and self.recorder is not None:
-                # Record who trained (and spent privacy) even when the strategy then declines to
-                # aggregate: Flower's DP wrappers skip a round with any error reply, metrics included.
-                self.recorder.record(self.recorder.train, server_round, dict(reply.content["metrics"]))
-        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+            if reply.has_error():
+                self._note_error(server_round, reply)
+                kept.append(reply)  # Flower's strategies skip error replies (its DP wrappers the round)
+            elif self._accept(server_round, reply):
+                kept.append(reply)
+            else:
+                rejected += 1
+        accepted = sum(not reply.has_error() for reply in kept)
+        withheld = None
+        if rejected and self.all_or_nothing:
+            withheld = (
+                f"{rejected} update(s) rejected; client-level DP needs every sampled client's update, so "
+                "the round's aggregate is not released"
+            )
+        elif accepted < self.min_clients:
+            withheld = f"{accepted} update(s) accepted, fewer than min-available-clients {self.min_clients}"
+        if withheld is not None:
+            logger.warning("round %d: %s; the global model stays as it was", server_round, withheld)
+            if self.recorder is not None:
+                self.recorder.withheld[server_round] = withheld
+            return None, None
+        return super().aggregate_train(server_round, kept)  # type: ignore[misc]
+
+    def _note_error(self, server_round: int, reply: Message) -> None:
+        node = self._destination(reply)
+        reason = reply.error.reason
+        if reply.error.code in REFUSAL_CODES:
+            self.exhausted[node] = reason
+            logger.warning("round %d: %s; excluded from later rounds", server_round, reason)
+            return
+        client = self._node_client.get(node)
+        who = f"client {client} (node {node})" if client is not None else f"node {node}"
+        logger.warning("round %d: %s failed, error %s: %s", server_round, who, reply.error.code, reason)
+        if self.recorder is not None:
+            self.recorder.failed[server_round].append(
+                {"node": node, "client": client, "code": int(reply.error.code), "reason": reason}
+            )
+
+    def _destination(self, reply: Message) -> int:
+        """The node a reply answers for: Flower's own error replies (node unavailable) come from the
+        SuperLink, so the node is found through the message they answer."""
+        for sent in self._sent:
+            if sent.metadata.message_id == reply.metadata.reply_to_message_id:
+                return int(sent.metadata.dst_node_id)
+        return int(reply.metadata.src_node_id)
+
+    def _accept(self, server_round: int, reply: Message) -> bool:
+        """Record who trained (and spent privacy) even when its update is then left out, or when the
+        strategy declines to aggregate: Flower's DP wrappers skip a round with any error reply."""
+        metrics = dict(reply.content["metrics"])
+        client = int(metrics["client-id"])
+        self._node_client[int(reply.metadata.src_node_id)] = client
+        check = check_update(
+            self._sent_arrays, reply.content["arrays"].to_numpy_ndarrays(), self.max_update_norm
+        )
+        if check.norm is not None:
+            metrics["update-norm"] = check.norm
+        if self.recorder is not None:
+            self.recorder.record(self.recorder.train, server_round, metrics)
+        if check.accepted:
+            return True
+        logger.warning(
+            "round %d: client %d's update rejected (node %d): %s",
+            server_round,
+            client,
+            reply.metadata.src_node_id,
+            check.reason,
+        )
+        if self.recorder is not None:
+            self.recorder.rejected[server_round][client] = str(check.reason)
+        return False
 
     def exhausted_clients(self) -> list[int]:
         """Client ids (from the clients' own messages) that ran out of budget."""

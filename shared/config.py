@@ -50,6 +50,10 @@ class FedaeConfig:
     strategy: str = "fedavg"
     server_learning_rate: float = 0.01
     proximal_mu: float = 0.01
+    # The server rejects a client's returned model that is further than this (L2, over all weights) from
+    # the model it was sent, as well as any with the wrong shapes or dtypes or a non-finite value
+    # (shared/updates.py); 0: shapes and finite values only.
+    max_update_norm: float = 0.0
     # Secure aggregation (docs/PRIVACY.md): "secagg+" runs Flower's SecAgg+, so the server learns only the
     # weighted sum of the clients' models. Each client's mask secrets are split into num-shares shares
     # (itself and num-shares - 1 neighbours: a fixed integer, so the privacy and dropout figures do not
@@ -102,6 +106,16 @@ class FedaeConfig:
 
     def __post_init__(self) -> None:
         self._validate()
+
+    @property
+    def sites_are_files(self) -> bool:
+        """One client per file of data-dir (simulated site files): the count is known once listed."""
+        return self.scenario == "files" and self.partition == "natural" and bool(self.data_dir)
+
+    @property
+    def deployed_files(self) -> bool:
+        """Site files held by the sites themselves (each SuperNode's data-file), none on the server."""
+        return self.scenario == "files" and not self.data_dir
 
     # -- parsing -------------------------------------------------------------------------------------
     @classmethod
@@ -211,6 +225,7 @@ class FedaeConfig:
             "l2_norm_clip",
             "denoise_stddev",
             "proximal_mu",
+            "max_update_norm",
             "threshold_k",
             "target_epsilon",
         ):
@@ -234,16 +249,22 @@ class FedaeConfig:
             raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
         if not 0.0 < self.threshold_percentile < 100.0:
             raise ConfigError(f"threshold-percentile must be in (0, 100), got {self.threshold_percentile}")
-        if self.scenario == "files" and not self.data_dir:
-            raise ConfigError("scenario 'files' needs data-dir (one CSV/Parquet/NPZ file per site)")
+        if self.scenario == "files" and not (self.data_dir or self.test_file):
+            raise ConfigError(
+                "scenario 'files' needs data-dir (simulated: one CSV/Parquet/NPZ file per site) or, deployed "
+                "across sites, a test-file on the server (each site's SuperNode names its own data-file)"
+            )
+        if self.deployed_files and self.partition != "natural":
+            raise ConfigError(
+                f"partition {self.partition!r} re-splits pooled data; deployed sites each keep their own "
+                "data-file, so only partition 'natural' applies"
+            )
         if self.model == "conv" and self.scenario in ("fleet", "wdbc"):
             raise ConfigError(f"model 'conv' needs image data; scenario {self.scenario!r} is tabular")
         self.normal_class_list  # noqa: B018 - validates the list syntax
         # Site files partitioned naturally have one client per file: the count is known once the data is
         # listed, and the server and the simulation runner check again with it.
-        known_clients = (
-            None if (self.scenario == "files" and self.partition == "natural") else self.num_clients
-        )
+        known_clients = None if self.sites_are_files else self.num_clients
         check_combinations(self, known_clients)
 
 

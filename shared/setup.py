@@ -18,6 +18,10 @@ _PREFIX = "fedae."
 # weighs the same (Flower's accountant covers only the uniformly weighted mean).
 UNIT_WEIGHT = "dp-weight"
 
+# Error code of a client's reply when its own data cannot be used (missing or malformed data-file, wrong
+# schema, too few rows): the message names the site, the file and the problem, and reaches the server log.
+DATA_ERROR = 4210
+
 # A client's train-reply metric under SecAgg+: how many of its weights the quantisation clipped.
 SECAGG_CLIPPED = "secagg-clipped"
 

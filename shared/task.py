@@ -9,14 +9,16 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from shared import privacy
 from shared.config import FedaeConfig
 from shared.data.errors import TrainingDataError
-from shared.data.sources import ClientData, DataSpec, load_client_data
+from shared.data.sources import ClientData, DataSpec, load_client_data, load_site_file
 from shared.ledger import LedgerEvent, PrivacyLedger, dataset_fingerprint
 from shared.models import ModelSpec
 from shared.preprocess import Scaler
@@ -109,8 +111,26 @@ CLIENT_DATA_CACHE_BYTES = _cache_megabytes() * 2**20
 _CLIENT_DATA: OrderedDict[tuple[object, ...], ClientData] = OrderedDict()
 
 
-def client_data(config: FedaeConfig, client_id: int) -> ClientData:
-    """The client's data, loaded on first use and kept while the process's cache budget allows."""
+def client_data(config: FedaeConfig, client_id: int, site: SiteData | None = None) -> ClientData:
+    """The client's data, loaded on first use and kept while the process's cache budget allows: a
+    deployed site's own file (``site``), or its part of the run's scenario."""
+    if site is not None:
+        path = Path(site.path)
+        # The file's size and time are in the key: a site that edits its file between rounds trains on
+        # the new rows (its ledger composes every event whatever the data, shared.ledger).
+        stat = path.stat() if path.exists() else None
+        key: tuple[object, ...] = (
+            "site-file",
+            str(path.resolve()),
+            stat and (stat.st_size, stat.st_mtime_ns),
+            site.spec,
+            config.label_column,
+            config.seed,
+            client_id,
+        )
+        return _cached(
+            key, lambda: load_site_file(site.path, site.spec, config.label_column, config.seed, client_id)
+        )
     key = (
         config.scenario,
         config.seed,
@@ -124,10 +144,14 @@ def client_data(config: FedaeConfig, client_id: int) -> ClientData:
         config.batch_size,
         client_id,
     )
+    return _cached(key, lambda: load_client_data(config, client_id))
+
+
+def _cached(key: tuple[object, ...], load: Callable[[], ClientData]) -> ClientData:
     if key in _CLIENT_DATA:
         _CLIENT_DATA.move_to_end(key)
         return _CLIENT_DATA[key]
-    data = load_client_data(config, client_id)
+    data = load()
     _CLIENT_DATA[key] = data
     while len(_CLIENT_DATA) > 1 and sum(map(_nbytes, _CLIENT_DATA.values())) > CLIENT_DATA_CACHE_BYTES:
         _CLIENT_DATA.popitem(last=False)
@@ -137,6 +161,14 @@ def client_data(config: FedaeConfig, client_id: int) -> ClientData:
 def _nbytes(data: ClientData) -> int:
     arrays = (data.x_train, data.x_holdout, data.x_labelled, data.y_labelled)
     return sum(a.nbytes for a in arrays if a is not None)
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """A deployed site's own data file (its SuperNode's ``data-file``) and the run's schema for it."""
+
+    path: str
+    spec: DataSpec
 
 
 @dataclass
@@ -159,6 +191,7 @@ def train_client(
     ledger: PrivacyLedger,
     run_id: str,
     target_epsilon: float | None = None,
+    site: SiteData | None = None,
 ) -> TrainOutcome:
     """Local DP-SGD from ``weights``, charged to the client's ledger *before* it trains.
 
@@ -168,7 +201,7 @@ def train_client(
     charged (over-reporting is safe, under-reporting is not). The returned epsilon composes every event
     in the ledger (all rounds of all runs that used it), not this round alone.
     """
-    data = client_data(config, client_id)
+    data = client_data(config, client_id, site)
     target_epsilon = config.target_epsilon if target_epsilon is None else target_epsilon
     sigma, charged, history = 0.0, None, []
     if data.num_examples < config.batch_size:  # before any charge: a clear message, nothing spent
@@ -230,18 +263,37 @@ def train_client(
             # Never send weights whose privacy cost differs from the charge (a bug, not bad input).
             raise RuntimeError(f"the fit ran {done}, not the charged {event}; weights withheld")
         epsilon = privacy.cumulative_epsilon([*history, event], config.delta, config.accountant)
-    _fault_point("trained")
-    return TrainOutcome(trainer.get_weights(), result.num_examples, result.loss, event, epsilon, fit_seconds)
+    _fault_point("trained", client_id)
+    weights = _faulty_weights(trainer.get_weights(), client_id)
+    return TrainOutcome(weights, result.num_examples, result.loss, event, epsilon, fit_seconds)
 
 
 FAULT_ENV = "FEDAE_FAULT_INJECT"
 
 
-def _fault_point(name: str) -> None:
-    """Die here, as a crash would, when the environment asks (durability tests only)."""
-    if os.environ.get(FAULT_ENV) == name:
+def _injected_fault(client_id: int) -> str:
+    """The fault the environment asks this client to show (tests of durability and of the server's
+    update checks only): ``NAME`` for every client, ``NAME@ID`` for client ID alone; "" for none."""
+    name, _, only = os.environ.get(FAULT_ENV, "").partition("@")
+    return name if not only or only == str(client_id) else ""
+
+
+def _fault_point(name: str, client_id: int) -> None:
+    """Die here, as a crash would, when the environment asks."""
+    if _injected_fault(client_id) == name:
         logger.error("fault injected at %r: exiting without a reply", name)
         os._exit(70)
+
+
+def _faulty_weights(weights: list[np.ndarray], client_id: int) -> list[np.ndarray]:
+    """The weights a broken or malicious client would send, when the environment asks for one."""
+    fault = _injected_fault(client_id)
+    if fault == "nan-weights":
+        weights = [w.copy() for w in weights]
+        weights[0].flat[0] = np.nan
+    elif fault == "wrong-shape":
+        weights = [*weights[:-1], np.zeros((*weights[-1].shape, 2), weights[-1].dtype)]
+    return weights
 
 
 def _sigma_within_budget(
@@ -275,14 +327,19 @@ def _sigma_within_budget(
 
 
 def evaluate_client(
-    config: FedaeConfig, spec: DataSpec, scaler: Scaler, weights: list[np.ndarray], client_id: int
+    config: FedaeConfig,
+    spec: DataSpec,
+    scaler: Scaler,
+    weights: list[np.ndarray],
+    client_id: int,
+    site: SiteData | None = None,
 ) -> dict[str, float]:
     """Reconstruction loss on the client's held-out rows, and ROC-AUC where it has labelled rows."""
     from sklearn.metrics import roc_auc_score
 
     from shared.models import reconstruction_errors
 
-    data = client_data(config, client_id)
+    data = client_data(config, client_id, site)
     trainer = trainer_for(config, spec, scaler)
     trainer.set_weights(weights)
     metrics = {

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from server.strategy import ExcludeExhausted, RoundRecorder, build_strategy
@@ -56,9 +56,12 @@ class _Reply:
     def __init__(self, node: int, metrics: dict | None = None, code: int | None = None) -> None:
         from types import SimpleNamespace
 
-        self.metadata = SimpleNamespace(src_node_id=node)
+        self.metadata = SimpleNamespace(src_node_id=node, reply_to_message_id="")
         self.error = SimpleNamespace(code=code, reason=f"refused: client-id={node}")
-        self.content = RecordDict({"metrics": MetricRecord(metrics)}) if metrics else None
+        self.content = None
+        if metrics:
+            arrays = ArrayRecord([np.zeros(2, np.float32)])
+            self.content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
 
     def has_error(self) -> bool:
         return self.error.code is not None
@@ -75,6 +78,7 @@ def test_client_level_dp_records_who_trained_even_when_a_refusal_voids_the_round
     assert isinstance(strategy, DifferentialPrivacyServerSideFixedClipping)
     assert strategy.num_sampled_clients == 2 and strategy.strategy.weighted_by_key == "dp-weight"
     strategy._pending_events[1] = None  # as configure_train leaves it
+    strategy._sent_arrays = [np.zeros(2, np.float32)]
     trained = {"client-id": 0, "num-examples": 10, "dp-weight": 1.0, "train-loss": 0.5, "epsilon": 1.2}
     arrays, _ = strategy.aggregate_train(1, [_Reply(7, trained), _Reply(8, code=BUDGET_EXHAUSTED)])
     assert arrays is None  # Flower's wrapper releases nothing from a round with an error reply

@@ -68,8 +68,9 @@ class ServerData:
 
 
 def num_clients_for(config: FedaeConfig) -> int:
-    """Clients in this run: one per file for site files with natural partitioning, else ``num-clients``."""
-    if config.scenario == "files" and config.partition == "natural":
+    """Clients in this run: one per file for simulated site files with natural partitioning, else
+    ``num-clients`` (deployed, the number of sites expected)."""
+    if config.sites_are_files:
         return len(list_site_files(config.data_dir))
     return config.num_clients
 
@@ -269,10 +270,15 @@ def _normal_rows(table: Table, names: tuple[str, ...]) -> np.ndarray:
 def _files_server(config: FedaeConfig) -> ServerData:
     if not config.test_file:
         raise ConfigError("scenario 'files' needs a labelled test file (--test FILE / test-file)")
-    tables = _site_tables(config.data_dir, config.label_column)
-    spec = _files_spec(tables[0])
     test = read_table(config.test_file, config.label_column, require_labels=True)
-    check_consistent([tables[0], test])
+    if config.deployed_files:
+        # Deployed, the sites' files are on the sites: the schema is the test file's, and each site
+        # checks its own file against it (load_site_file).
+        spec = _files_spec(test)
+    else:
+        tables = _site_tables(config.data_dir, config.label_column)
+        spec = _files_spec(tables[0])
+        check_consistent([tables[0], test])
     x = align_columns(test, spec.feature_names)
     if test.labels is None:  # read_table(require_labels=True) guarantees labels; keep mypy and readers honest
         raise DataError(f"no label column {config.label_column!r}", path=config.test_file)
@@ -315,13 +321,45 @@ def _pooled_parts(config: FedaeConfig, groups: np.ndarray) -> list[np.ndarray]:
 def data_spec(config: FedaeConfig) -> DataSpec:
     if config.scenario == "fleet":
         return _fleet_spec()
+    if config.deployed_files:
+        return _files_spec(read_table(config.test_file, config.label_column, require_labels=True))
     if config.scenario == "files":
         return _files_spec(_site_tables(config.data_dir, config.label_column)[0])
     return _one_class(config).spec
 
 
+def load_site_file(path: str, spec: DataSpec, label_column: str, seed: int, client_id: int) -> ClientData:
+    """A deployed site's own data file, checked against the run's schema ``spec`` (feature names or image
+    shape, from the server): training rows are its normal rows, split like a simulated site's."""
+    table = read_table(path, label_column)
+    if spec.kind == "image":
+        if not table.is_image or table.x.shape[1:] != spec.input_shape:
+            raise DataError(
+                f"rows have shape {table.x.shape[1:]}, the run expects {spec.input_shape}", path=path
+            )
+    elif table.is_image:
+        raise DataError(
+            f"holds images {table.x.shape[1:]}, the run expects columns {list(spec.feature_names)}", path=path
+        )
+    x = align_columns(table, spec.feature_names)
+    normal = x if table.labels is None else x[table.labels == 0]
+    if len(normal) == 0:
+        raise DataError(f"no normal rows ({label_column} 0) to train on", path=path)
+    x_train, x_holdout = _split_holdout(normal, seed, client_id)
+    if table.labels is None or not table.labels.any():
+        return ClientData(client_id, x_train, x_holdout)
+    anomalies = x[table.labels == 1]
+    labels = np.concatenate([np.zeros(len(x_holdout), np.int64), np.ones(len(anomalies), np.int64)])
+    return ClientData(client_id, x_train, x_holdout, np.concatenate([x_holdout, anomalies]), labels)
+
+
 def load_client_data(config: FedaeConfig, client_id: int) -> ClientData:
     """The training and local held-out rows of client ``client_id`` (0-based)."""
+    if config.deployed_files:
+        raise ConfigError(
+            "deployed site files: each site's SuperNode names its own data-file (node config); the "
+            "server holds no client data"
+        )
     total = num_clients_for(config)
     if not 0 <= client_id < total:
         raise ConfigError(f"client id {client_id} out of range for {total} clients")
