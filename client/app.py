@@ -45,7 +45,7 @@ from shared.data.errors import DataError
 from shared.data.sources import DataSpec
 from shared.ledger import PrivacyLedger, ledger_path
 from shared.privacy import PrivacyRefusal
-from shared.setup import DATA_ERROR, SECAGG_CLIPPED, UNIT_WEIGHT, decode_setup
+from shared.setup import DATA_ERROR, RUN_KEY, SECAGG_CLIPPED, UNIT_WEIGHT, decode_setup
 from shared.task import SiteData, evaluate_client, train_client
 
 app = ClientApp()
@@ -133,7 +133,9 @@ def train(msg: Message, context: Context) -> Message:
                 client_id,
                 int(setup_values["server-round"]),
                 ledger,
-                str(context.run_id),
+                # The run's key survives a server restart (Flower's run id does not): the ledger's events
+                # and the kept update of a round asked for again are under it.
+                str(setup_values.get(RUN_KEY) or context.run_id),
                 target_epsilon=budget,
                 site=_site(context, spec),
             )

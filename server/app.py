@@ -19,11 +19,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from server import client_dp
+from server import client_dp, resume
 from server.rounds import RoundBook
 from server.secure import run_secagg_rounds
 from server.strategy import RoundRecorder, TooFewClients, build_strategy
-from shared import pipeline
+from shared import faults, pipeline
 from shared.config import FedaeConfig
 from shared.setup import encode_setup
 
@@ -40,6 +40,7 @@ def run_federation(
     setup = pipeline.prepare(config)
     config = setup.config  # with the resolved state-dir that clients keep their ledgers in
     book = RoundBook(config, RoundRecorder(), pipeline.initial_weights(setup))
+    resumption = resume.open_run(setup.out_dir, config)
     if config.secure_aggregation == "secagg+":
         if context is None:
             context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
@@ -47,7 +48,7 @@ def run_federation(
         stopped_early, exhausted, aggregation = outcome.stopped_early, outcome.exhausted, outcome.summary
         client_level: dict = {"enabled": False}  # refused with SecAgg+ at start (shared.config)
     else:
-        stopped_early, exhausted, client_level = _run_plain_rounds(grid, setup, book)
+        stopped_early, exhausted, client_level = _run_plain_rounds(grid, setup, book, resumption)
         aggregation = {"secure_aggregation": "none"}
 
     if book.best_round == 0 and stopped_early is not None:
@@ -79,28 +80,37 @@ def run_federation(
 
 
 def _run_plain_rounds(
-    grid: Grid, setup: pipeline.RunSetup, book: RoundBook
+    grid: Grid, setup: pipeline.RunSetup, book: RoundBook, resumption: resume.Resumption
 ) -> tuple[str | None, list[int], dict]:
-    """Flower's message-API strategy; returns why the run stopped early (or None), the exhausted
-    clients, and the client-level DP figures."""
+    """Flower's message-API strategy, from round 1 or from the checkpoint's next round; returns why the
+    run stopped early (or None), the exhausted clients, and the client-level DP figures."""
     config = setup.config
     strategy = build_strategy(config, book.recorder, setup.num_clients)
+    start_weights = resume.restore(resumption, book, strategy, config, setup.num_clients)
+    done = resumption.completed_round
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
         # The message API evaluates centrally after the round's training and held-out evaluation.
+        server_round = flower_round + done
         weights = arrays.to_numpy_ndarrays()
         loss = pipeline.calibration_loss(setup, weights)
-        book.close_round(server_round, weights, loss)
+        book.close_round(server_round if flower_round else 0, weights, loss)
         book.recorder.end_round(server_round)
+        if flower_round:
+            # Durability tests die here: before the checkpoint (clients trained the round, the server
+            # lost it) or after it.
+            faults.fault_point("server-exit-before-checkpoint", server_round)
+            resume.save(resumption, book, strategy, config, server_round, weights)
+            faults.fault_point("server-exit", server_round)
         return MetricRecord({"calibration-loss": loss})
 
-    setup_record = ConfigRecord(encode_setup(config, setup.spec, setup.scaler))
+    setup_record = ConfigRecord(encode_setup(config, setup.spec, setup.scaler, resumption.run_key))
     stopped_early = None
     try:
         strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(book.best_weights),
-            num_rounds=config.num_server_rounds,
+            initial_arrays=ArrayRecord(start_weights),
+            num_rounds=max(0, config.num_server_rounds - done),
             train_config=setup_record,
             evaluate_config=setup_record,
             evaluate_fn=evaluate,

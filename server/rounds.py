@@ -77,6 +77,35 @@ class RoundBook:
         if math.isfinite(loss) and loss < self.best_loss:
             self.best_loss, self.best_round, self.best_weights = loss, server_round, weights
 
+    def state(self) -> dict:
+        """Everything but the weights, as JSON values, for the per-round checkpoint."""
+        recorder = self.recorder
+        return {
+            "best_loss": self.best_loss,
+            "best_round": self.best_round,
+            "rows": self.rows,
+            "latest_epsilon": _str_keys(self.latest_epsilon),
+            "train": {str(r): _str_keys(clients) for r, clients in recorder.train.items()},
+            "evaluate": {str(r): _str_keys(clients) for r, clients in recorder.evaluate.items()},
+            "rejected": {str(r): _str_keys(clients) for r, clients in recorder.rejected.items()},
+            "failed": {str(r): failures for r, failures in recorder.failed.items()},
+            "withheld": _str_keys(recorder.withheld),
+        }
+
+    def restore(self, state: dict, best_weights: list[np.ndarray]) -> None:
+        """Take up where a checkpointed run left off (``state`` from ``RoundBook.state``)."""
+        recorder = self.recorder
+        self.best_loss, self.best_round = float(state["best_loss"]), int(state["best_round"])
+        self.best_weights, self.rows = best_weights, list(state["rows"])
+        self.latest_epsilon = _int_keys(state["latest_epsilon"])
+        for name in ("train", "evaluate", "rejected"):
+            store = getattr(recorder, name)
+            for server_round, clients in state[name].items():
+                store[int(server_round)] = _int_keys(clients)
+        for server_round, failures in state["failed"].items():
+            recorder.failed[int(server_round)] = list(failures)
+        recorder.withheld.update(_int_keys(state["withheld"]))
+
     def privacy_record(self) -> PrivacyRecord:
         """Each client's figures as it reported them, round by round; its latest epsilon is its
         cumulative one (later rounds overwrite earlier)."""
@@ -89,6 +118,14 @@ class RoundBook:
                 if "noise-multiplier" in metrics:
                     record.per_client_sigma[cid] = metrics["noise-multiplier"]
         return record
+
+
+def _str_keys(mapping: dict) -> dict:
+    return {str(k): v for k, v in mapping.items()}
+
+
+def _int_keys(mapping: dict) -> dict:
+    return {int(k): v for k, v in mapping.items()}
 
 
 def _weighted(per_client: dict[int, dict[str, float]], key: str) -> float:

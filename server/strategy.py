@@ -195,6 +195,9 @@ class ExcludeExhausted:
     # round's release would not have the stated guarantee, so nothing is aggregated (as Flower's DP
     # wrappers do with an error reply).
     all_or_nothing: bool = False
+    # Rounds completed before this start (a resumed run, server/resume.py): Flower's Strategy.start counts
+    # from 1, and each round must keep its number (clients charge their ledgers per run and round).
+    round_offset: int = 0
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
@@ -215,6 +218,7 @@ class ExcludeExhausted:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         remaining = [n for n in grid.get_node_ids() if n not in self.exhausted]
         if len(remaining) < self.min_clients:
             raise TooFewClients(
@@ -229,13 +233,18 @@ class ExcludeExhausted:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         open_grid = self._grid(grid)
         if len(open_grid.get_node_ids()) < self.min_clients:
             # Flower's sampler would wait for nodes that will never come back; evaluate nobody instead.
             return []
         return self._open(super().configure_evaluate(server_round, arrays, config, open_grid))  # type: ignore[misc]
 
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> object:
+        return super().aggregate_evaluate(server_round + self.round_offset, replies)  # type: ignore[misc]
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[object, object]:
+        server_round += self.round_offset
         kept, rejected = [], 0
         for reply in replies:
             if reply.has_error():

@@ -26,9 +26,15 @@ DATA_ERROR = 4210
 SECAGG_CLIPPED = "secagg-clipped"
 
 
-def encode_setup(config: FedaeConfig, spec: DataSpec, scaler: Scaler) -> dict[str, Any]:
+RUN_KEY = f"{_PREFIX}run-key"
+
+
+def encode_setup(config: FedaeConfig, spec: DataSpec, scaler: Scaler, run_key: str = "") -> dict[str, Any]:
+    """``run_key``: the run's identity across server restarts (a resumed run keeps it), which clients
+    record their privacy events under."""
     values: dict[str, Any] = dict(config.to_run_config())
     values |= {
+        RUN_KEY: run_key,
         f"{_PREFIX}kind": spec.kind,
         f"{_PREFIX}input-shape": list(spec.input_shape),
         f"{_PREFIX}feature-names": list(spec.feature_names) or [""],

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import privacy
+from shared import faults, privacy
 from shared.config import FedaeConfig
 from shared.data.errors import TrainingDataError
 from shared.data.sources import ClientData, DataSpec, load_client_data, load_site_file
 from shared.ledger import LedgerEvent, PrivacyLedger, dataset_fingerprint
 from shared.models import ModelSpec
 from shared.preprocess import Scaler
+from shared.replies import ReplyStore, weights_digest
 from shared.training import LocalTrainer, TrainSettings, get_trainer, sampling_plan
 
 logger = logging.getLogger(f"fedae.{__name__}")
@@ -179,6 +180,7 @@ class TrainOutcome:
     event: privacy.TrainingEvent | None
     epsilon: float | None  # cumulative, None without DP
     fit_seconds: float = 0.0  # the local fit alone, for the round-overhead figures
+    replayed: bool = False  # the update kept from an earlier ask of this round, sent again (no new charge)
 
 
 def train_client(
@@ -202,6 +204,12 @@ def train_client(
     in the ledger (all rounds of all runs that used it), not this round alone.
     """
     data = client_data(config, client_id, site)
+    received = weights_digest(weights)
+    if (
+        config.dp_enabled
+        and (kept := _kept_reply(config, ledger, run_id, server_round, received)) is not None
+    ):
+        return kept
     target_epsilon = config.target_epsilon if target_epsilon is None else target_epsilon
     sigma, charged, history = 0.0, None, []
     if data.num_examples < config.batch_size:  # before any charge: a clear message, nothing spent
@@ -263,37 +271,39 @@ def train_client(
             # Never send weights whose privacy cost differs from the charge (a bug, not bad input).
             raise RuntimeError(f"the fit ran {done}, not the charged {event}; weights withheld")
         epsilon = privacy.cumulative_epsilon([*history, event], config.delta, config.accountant)
-    _fault_point("trained", client_id)
-    weights = _faulty_weights(trainer.get_weights(), client_id)
+    faults.fault_point("trained", client_id)
+    weights = faults.faulty_weights(trainer.get_weights(), client_id)
+    if charged is not None:
+        ReplyStore(ledger.path).keep(
+            run_id, server_round, received, weights, result.num_examples, result.loss
+        )
     return TrainOutcome(weights, result.num_examples, result.loss, event, epsilon, fit_seconds)
 
 
-FAULT_ENV = "FEDAE_FAULT_INJECT"
-
-
-def _injected_fault(client_id: int) -> str:
-    """The fault the environment asks this client to show (tests of durability and of the server's
-    update checks only): ``NAME`` for every client, ``NAME@ID`` for client ID alone; "" for none."""
-    name, _, only = os.environ.get(FAULT_ENV, "").partition("@")
-    return name if not only or only == str(client_id) else ""
-
-
-def _fault_point(name: str, client_id: int) -> None:
-    """Die here, as a crash would, when the environment asks."""
-    if _injected_fault(client_id) == name:
-        logger.error("fault injected at %r: exiting without a reply", name)
-        os._exit(70)
-
-
-def _faulty_weights(weights: list[np.ndarray], client_id: int) -> list[np.ndarray]:
-    """The weights a broken or malicious client would send, when the environment asks for one."""
-    fault = _injected_fault(client_id)
-    if fault == "nan-weights":
-        weights = [w.copy() for w in weights]
-        weights[0].flat[0] = np.nan
-    elif fault == "wrong-shape":
-        weights = [*weights[:-1], np.zeros((*weights[-1].shape, 2), weights[-1].dtype)]
-    return weights
+def _kept_reply(
+    config: FedaeConfig, ledger: PrivacyLedger, run_id: str, server_round: int, received: str
+) -> TrainOutcome | None:
+    """This round's update again, if the ledger paid for it and it was kept for the same global model
+    (the server restarted mid-round and asks again): sending it again costs no privacy (shared.replies)."""
+    events = ledger.events()
+    charged = [e for e in events if e.run_id == run_id and e.round == server_round]
+    if not charged:
+        return None
+    kept = ReplyStore(ledger.path).find(run_id, server_round, received)
+    if kept is None:
+        logger.warning(
+            "round %d of run %s was charged before but its update was not kept; training it again is a "
+            "new release and is charged again",
+            server_round,
+            run_id,
+        )
+        return None
+    history = [e.training_event() for e in events]
+    epsilon = privacy.cumulative_epsilon(history, config.delta, config.accountant)
+    logger.info("round %d of run %s: sending the kept update again (already charged)", server_round, run_id)
+    return TrainOutcome(
+        kept.weights, kept.num_examples, kept.train_loss, charged[-1].training_event(), epsilon, replayed=True
+    )
 
 
 def _sigma_within_budget(
