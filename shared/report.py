@@ -138,6 +138,23 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _incident_lines(rounds: list[dict[str, Any]]) -> list[str]:
+    """What went wrong in each round: updates left out (and why), failed replies, rounds not aggregated."""
+    lines = []
+    for row in rounds:
+        for client, reason in (row.get("rejected") or {}).items():
+            lines.append(f"- round {row['round']}: client {client}'s update rejected: {reason}")
+        for failure in row.get("failed") or []:
+            who = f"client {failure['client']}" if failure.get("client") is not None else "a client"
+            lines.append(
+                f"- round {row['round']}: {who} (node {failure['node']}) failed, error {failure['code']}: "
+                f"{failure['reason']}"
+            )
+        if row.get("not_aggregated"):
+            lines.append(f"- round {row['round']}: nothing aggregated ({row['not_aggregated']})")
+    return ["", "Incidents:", "", *lines] if lines else []
+
+
 def _seconds(row: dict[str, Any], key: str) -> str:
     value = (row.get("timing_s") or {}).get(key)
     return "n/a" if value is None else f"{value:.2f}"
@@ -278,6 +295,7 @@ def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Pa
             f"| {_seconds(r, 'round')} | {_seconds(r, 'train')} | {_seconds(r, 'clients_fit_sum')} |"
             for r in summary["rounds"]
         ],
+        *_incident_lines(summary["rounds"]),
         "",
         "## Plots",
         "",

@@ -36,3 +36,4 @@ def test_a_broken_update_is_rejected_and_the_run_completes(tmp_path, fault: str,
     # Client 1 trained and paid for it: its epsilon is reported like the others'.
     assert set(summary["privacy"]["sample_level"]["per_client"]) == {"0", "1", "2"}
     assert (out / "bundle" / "model.keras").exists()
+    assert f"round 2: client 1's update rejected: {reason}" in (out / "report.md").read_text()
