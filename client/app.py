@@ -141,7 +141,7 @@ def train(msg: Message, context: Context) -> Message:
             )
     except PrivacyRefusal as refusal:
         return Message(error=Error(code=refusal.code, reason=str(refusal)), reply_to=msg)
-    except (DataError, ConfigError, OSError) as err:
+    except (DataError, ConfigError) as err:
         return _data_error(msg, context, err)
     metrics = {
         "train-loss": outcome.train_loss,
@@ -174,7 +174,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     client_id = _client_id(context)
     try:
         metrics = evaluate_client(config, spec, scaler, weights, client_id, _site(context, spec))
-    except (DataError, ConfigError, OSError) as err:
+    except (DataError, ConfigError) as err:
         return _data_error(msg, context, err)
     metrics |= {"client-id": client_id, UNIT_WEIGHT: 1.0}
     if is_legacy(msg):

@@ -40,7 +40,7 @@ def run_federation(
     setup = pipeline.prepare(config)
     config = setup.config  # with the resolved state-dir that clients keep their ledgers in
     book = RoundBook(config, RoundRecorder(), pipeline.initial_weights(setup))
-    resumption = resume.open_run(setup.out_dir, config)
+    resumption = resume.open_run(setup)
     if config.secure_aggregation == "secagg+":
         if context is None:
             context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
@@ -86,7 +86,8 @@ def _run_plain_rounds(
     run stopped early (or None), the exhausted clients, and the client-level DP figures."""
     config = setup.config
     strategy = build_strategy(config, book.recorder, setup.num_clients)
-    start_weights = resume.restore(resumption, book, strategy, config, setup.num_clients)
+    start_weights = resume.restore(resumption, book, strategy)
+    strategy.on_release = lambda: resume.save_accountant(resumption, strategy)  # type: ignore[attr-defined]
     done = resumption.completed_round
 
     def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -96,9 +97,10 @@ def _run_plain_rounds(
         loss = pipeline.calibration_loss(setup, weights)
         book.close_round(server_round if flower_round else 0, weights, loss)
         book.recorder.end_round(server_round)
-        if flower_round:
-            # Durability tests die here: before the checkpoint (clients trained the round, the server
-            # lost it) or after it.
+        if flower_round or not done:
+            # Round 0 too: a server that dies in round 1 must come back under the same run key, or its
+            # clients could not tell that round from a new one. Durability tests die here: before the
+            # checkpoint (clients trained the round, the server lost it) or after it.
             faults.fault_point("server-exit-before-checkpoint", server_round)
             resume.save(resumption, book, strategy, config, server_round, weights)
             faults.fault_point("server-exit", server_round)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
@@ -64,8 +65,12 @@ class RoundRecorder:
             "update-norm",
             UNIT_WEIGHT,
         }:
-            values = [(float(m[key]), float(m[weight_key])) for m in rows if key in m]
-            summary[key] = sum(v * w for v, w in values) / (sum(w for _, w in values) or total)
+            # Non-finite values mean "not measured here" (a client without labels sends auc NaN).
+            values = [
+                (float(m[key]), float(m[weight_key])) for m in rows if key in m and math.isfinite(m[key])
+            ]
+            if values:
+                summary[key] = sum(v * w for v, w in values) / (sum(w for _, w in values) or total)
         epsilons = [float(m["epsilon"]) for m in rows if "epsilon" in m]
         if epsilons:
             # The worst client's cumulative epsilon, never an average: averaging privacy loss is meaningless.
@@ -198,6 +203,12 @@ class ExcludeExhausted:
     # Rounds completed before this start (a resumed run, server/resume.py): Flower's Strategy.start counts
     # from 1, and each round must keep its number (clients charge their ledgers per run and round).
     round_offset: int = 0
+    # Called right after each client-level DP release, before the released model leaves the server: the
+    # run keeps the accountant's state durable then (server/resume.py), not only at the round's end.
+    on_release: Callable[[], None] | None = None
+    # Rounds in a row that may aggregate nothing (every update rejected or failed) before the run stops:
+    # each such round still costs the clients that trained their privacy, for a model that stays put.
+    max_withheld_in_a_row: int = 3
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
@@ -207,6 +218,8 @@ class ExcludeExhausted:
             Message
         ] = []  # this round's train messages: their ids name the node an error was for
         self._node_client: dict[int, int] = {}  # node id -> the client id it last replied as
+        self.previously_exhausted: list[int] = []  # client ids, from before a resume (node ids change)
+        self._withheld_in_a_row: list[str] = []
 
     def _open(self, messages: Iterable[Message]) -> list[Message]:
         return [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
@@ -219,8 +232,16 @@ class ExcludeExhausted:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
+        if len(self._withheld_in_a_row) >= self.max_withheld_in_a_row:
+            raise TooFewClients(
+                f"the last {len(self._withheld_in_a_row)} rounds aggregated nothing "
+                f"({self._withheld_in_a_row[-1]}); ending the run before round {server_round} rather than "
+                "charge the clients' privacy for rounds that cannot change the model"
+            )
         remaining = [n for n in grid.get_node_ids() if n not in self.exhausted]
-        if len(remaining) < self.min_clients:
+        # Only a spent budget ends the run: with every client still in budget, fewer connected nodes
+        # than the minimum means sites have not joined yet, and Flower's sampler waits for them.
+        if self.exhausted and len(remaining) < self.min_clients:
             raise TooFewClients(
                 f"{len(remaining)} client(s) with privacy budget left, fewer than "
                 f"min-available-clients {self.min_clients}; ending the run before round "
@@ -267,8 +288,16 @@ class ExcludeExhausted:
             logger.warning("round %d: %s; the global model stays as it was", server_round, withheld)
             if self.recorder is not None:
                 self.recorder.withheld[server_round] = withheld
+            self._withheld_in_a_row.append(withheld)
             return None, None
-        return super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        if arrays is None:  # Flower's DP wrappers release nothing from a round with an error reply
+            self._withheld_in_a_row.append("an error reply voided the client-level DP release")
+            return None, metrics
+        self._withheld_in_a_row.clear()
+        if self.on_release is not None and getattr(self, "accountant", None) is not None:
+            self.on_release()
+        return _like(arrays, self._sent_arrays), metrics
 
     def _note_error(self, server_round: int, reply: Message) -> None:
         node = self._destination(reply)
@@ -296,12 +325,20 @@ class ExcludeExhausted:
     def _accept(self, server_round: int, reply: Message) -> bool:
         """Record who trained (and spent privacy) even when its update is then left out, or when the
         strategy declines to aggregate: Flower's DP wrappers skip a round with any error reply."""
-        metrics = dict(reply.content["metrics"])
-        client = int(metrics["client-id"])
-        self._node_client[int(reply.metadata.src_node_id)] = client
-        check = check_update(
-            self._sent_arrays, reply.content["arrays"].to_numpy_ndarrays(), self.max_update_norm
-        )
+        node = int(reply.metadata.src_node_id)
+        try:
+            metrics = dict(reply.content["metrics"])
+            client = int(metrics["client-id"])
+            returned = reply.content["arrays"].to_numpy_ndarrays()
+        except (KeyError, TypeError, ValueError) as err:
+            reason = f"malformed reply (no model, metrics or client-id: {err!r})"
+            logger.warning("round %d: node %d's reply rejected: %s", server_round, node, reason)
+            if self.recorder is not None:
+                failure = {"node": node, "client": self._node_client.get(node), "code": 0, "reason": reason}
+                self.recorder.failed[server_round].append(failure)
+            return False
+        self._node_client[node] = client
+        check = check_update(self._sent_arrays, returned, self.max_update_norm)
         if check.norm is not None:
             metrics["update-norm"] = check.norm
         if self.recorder is not None:
@@ -320,8 +357,19 @@ class ExcludeExhausted:
         return False
 
     def exhausted_clients(self) -> list[int]:
-        """Client ids (from the clients' own messages) that ran out of budget."""
-        return client_ids(self.exhausted.values())
+        """Client ids (from the clients' own messages) that ran out of budget, before a resume too."""
+        return sorted(set(client_ids(self.exhausted.values())) | set(self.previously_exhausted))
+
+
+def _like(arrays: ArrayRecord, sent: list[np.ndarray]) -> ArrayRecord:
+    """The aggregate in the dtypes of the model that was sent: a server optimiser's float64 step (FedAdam)
+    must not turn the global model into float64, which every float32 client update would then fail."""
+    return ArrayRecord(
+        {
+            key: Array(np.asarray(a.numpy(), dtype=ref.dtype))
+            for (key, a), ref in zip(arrays.items(), sent, strict=True)
+        }
+    )
 
 
 def client_ids(reasons: Iterable[str]) -> list[int]:

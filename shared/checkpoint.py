@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -52,15 +53,29 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     flat = {
         f"{name}/{i}": array for name, arrays in checkpoint.arrays.items() for i, array in enumerate(arrays)
     }
+    atomic_savez(path, {**flat, _STATE_KEY: np.array(json.dumps(header))})
+
+
+def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` to ``path`` so that a crash leaves either the old file or the new one, never half."""
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through ``write`` into a temporary file beside it, flushed to disk, renamed over
+    it, and the rename itself flushed: a crash leaves the old file or the new one."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        np.savez(handle, **flat, **{_STATE_KEY: np.array(json.dumps(header))})
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(folder)  # the rename itself must survive a power cut
+        os.fsync(folder)
     finally:
         os.close(folder)
 
@@ -79,8 +94,8 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
             }
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(
-            f"{path}: the run's checkpoint cannot be read ({err}); move it away to start a new run in "
-            "another out-dir"
+            f"{path}: the run's checkpoint cannot be read ({err}); it is left as it is: start a new run "
+            "in another out-dir"
         ) from err
     if header.get("version") != FORMAT_VERSION:
         raise ConfigError(
@@ -91,8 +106,19 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
     )
 
 
-def check_resumable(checkpoint: Checkpoint, config: FedaeConfig, path: Path) -> None:
-    """Refuse to resume a checkpoint under a different configuration (other than the round count)."""
+def check_resumable(checkpoint: Checkpoint, config: FedaeConfig, setup_digest: str, path: Path) -> None:
+    """Refuse to resume a checkpoint under a different configuration (other than a larger round count)
+    or with other data preparation (``setup_digest``: the schema and scaler the server sends)."""
+    if config.num_server_rounds < checkpoint.completed_round:
+        raise ConfigError(
+            f"{path} holds {checkpoint.completed_round} completed rounds, more than num-server-rounds "
+            f"{config.num_server_rounds}; resume with at least that many, or use a new out-dir"
+        )
+    if checkpoint.state.get("setup_digest") not in (None, setup_digest):
+        raise ConfigError(
+            f"{path} was written with another data schema or scaler (the server's test or calibration "
+            "data changed); resume with the same data, or use a new out-dir"
+        )
     current = {k: v for k, v in config.to_run_config().items() if k not in RESUMABLE_CHANGES}
     saved = {k: v for k, v in checkpoint.run_config.items() if k not in RESUMABLE_CHANGES}
     differing = sorted(k for k in set(current) | set(saved) if current.get(k) != saved.get(k))

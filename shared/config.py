@@ -339,6 +339,12 @@ def _secagg_aggregation_rule(config: Any, num_clients: int | None) -> list[str]:
             "client's update, and secure aggregation shows the server only their weighted sum; use "
             "fedavg, fedprox or fedadam, or secure-aggregation 'none'"
         ]
+    if config.max_update_norm > 0:
+        return [
+            f"max-update-norm {config.max_update_norm:g} bounds each client's update, and secure-aggregation "
+            f"{config.secure_aggregation!r} shows the server only their sum, so no update could be checked; "
+            "set max-update-norm 0 or secure-aggregation 'none'"
+        ]
     # fedavg, fedprox (a client-side term) and fedadam (an optimiser step on the averaged model) need
     # only the weighted sum, which is what SecAgg+ delivers.
     return []

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from shared.checkpoint import atomic_savez
 
 REPLIES_DIR = "replies"
 _META = "__meta__"
@@ -69,14 +70,8 @@ class ReplyStore:
             "num_examples": num_examples,
             "train_loss": train_loss,
         }
-        path = self._path(run_key)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as handle:
-            arrays = {f"w{i}": w for i, w in enumerate(weights)}
-            np.savez(handle, **arrays, **{_META: np.array(json.dumps(meta))})
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        arrays = {f"w{i}": w for i, w in enumerate(weights)}
+        atomic_savez(self._path(run_key), {**arrays, _META: np.array(json.dumps(meta))})
 
     def find(self, run_key: str, server_round: int, received: str) -> KeptReply | None:
         """The kept update of ``server_round`` trained from the same global model, or None."""

@@ -180,7 +180,6 @@ class TrainOutcome:
     event: privacy.TrainingEvent | None
     epsilon: float | None  # cumulative, None without DP
     fit_seconds: float = 0.0  # the local fit alone, for the round-overhead figures
-    replayed: bool = False  # the update kept from an earlier ask of this round, sent again (no new charge)
 
 
 def train_client(
@@ -274,9 +273,7 @@ def train_client(
     faults.fault_point("trained", client_id)
     weights = faults.faulty_weights(trainer.get_weights(), client_id)
     if charged is not None:
-        ReplyStore(ledger.path).keep(
-            run_id, server_round, received, weights, result.num_examples, result.loss
-        )
+        _keep(ledger, run_id, server_round, received, weights, result.num_examples, result.loss)
     return TrainOutcome(weights, result.num_examples, result.loss, event, epsilon, fit_seconds)
 
 
@@ -302,8 +299,17 @@ def _kept_reply(
     epsilon = privacy.cumulative_epsilon(history, config.delta, config.accountant)
     logger.info("round %d of run %s: sending the kept update again (already charged)", server_round, run_id)
     return TrainOutcome(
-        kept.weights, kept.num_examples, kept.train_loss, charged[-1].training_event(), epsilon, replayed=True
+        kept.weights, kept.num_examples, kept.train_loss, charged[-1].training_event(), epsilon
     )
+
+
+def _keep(ledger: PrivacyLedger, run_id: str, server_round: int, received: str, *update: object) -> None:
+    """Keep the update for a repeated ask; best effort: without it a repeat is trained and charged again
+    (over-reporting), which is no reason to withhold a paid-for update now."""
+    try:
+        ReplyStore(ledger.path).keep(run_id, server_round, received, *update)  # type: ignore[arg-type]
+    except OSError as err:
+        logger.warning("round %d: the update could not be kept for a repeated ask (%s)", server_round, err)
 
 
 def _sigma_within_budget(
@@ -356,6 +362,9 @@ def evaluate_client(
         "eval-loss": trainer.mean_loss(scaler.transform(data.x_holdout)),
         "num-examples": float(len(data.x_holdout)),
     }
+    # Every client sends the same keys (Flower refuses replies whose metric keys differ): NaN where it has
+    # no labelled anomalies, and the server averages only the finite ones.
+    metrics["auc"] = float("nan")
     if data.x_labelled is not None and data.y_labelled is not None and len(np.unique(data.y_labelled)) == 2:
         scores = reconstruction_errors(trainer.model, trainer.spec, scaler.transform(data.x_labelled))
         metrics["auc"] = float(roc_auc_score(data.y_labelled, scores))

@@ -107,3 +107,12 @@ def test_a_failed_reply_is_logged_with_its_node_and_client() -> None:
     failed = recorder.failed[2]
     assert [(f["node"], f["client"], f["code"]) for f in failed] == [(11, 1, 4210), (10, 0, 3)]
     assert "file does not exist" in failed[0]["reason"]
+
+
+def test_a_malformed_reply_is_rejected_not_raised() -> None:
+    strategy, recorder = _guarded(min_clients=1)
+    broken = _Reply(12, _moved(0.1), client=2)
+    del broken.content["arrays"]
+    arrays, _ = strategy.aggregate_train(1, [_Reply(10, _moved(0.1), 0), broken])
+    assert arrays is not None  # client 0's update, alone
+    assert recorder.failed[1][0]["node"] == 12 and "malformed reply" in recorder.failed[1][0]["reason"]
