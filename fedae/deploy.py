@@ -357,6 +357,8 @@ def plan_supernode(
     else:
         certs.check_site_name(site)
     state = Path(state_dir or Path("fedae-state") / site).expanduser().resolve()
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"--port must be from 1 to 65535, got {port}")
     local_port = port if port is not None else free_port()
     command = [executable("flower-supernode"), "--superlink", join_address(superlink_host, superlink_port)]
     if insecure:
@@ -425,6 +427,10 @@ def run_overrides(
     if rounds is not None:
         overrides["num-server-rounds"] = rounds
     if test_file is not None:
+        if overrides.get("scenario", "files") != "files":
+            raise ConfigError(
+                f"--test runs the 'files' scenario; do not combine it with scenario={overrides['scenario']!r}"
+            )
         test = Path(test_file).expanduser()
         if not test.is_absolute() and not test.is_file():
             raise ConfigError(f"--test {test.resolve()}: file does not exist")

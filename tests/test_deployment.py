@@ -186,6 +186,7 @@ def test_supernode_defaults_site_and_state_from_the_data_file(certs_dir: Path, t
         ("no-key", "--ca FILE and --key FILE are required"),
         ("bad-id", "--id must be a non-negative integer, got -1"),
         ("bad-epsilon", "--target-epsilon must be a finite number >= 0, got -1.0"),
+        ("bad-port", "--port must be from 1 to 65535, got 70000"),
     ],
 )
 def test_supernode_refuses_missing_files_and_bad_values(
@@ -200,6 +201,7 @@ def test_supernode_refuses_missing_files_and_bad_values(
         "no-key": {"key": None},
         "bad-id": {"partition_id": -1},
         "bad-epsilon": {"target_epsilon": -1.0},
+        "bad-port": {"port": 70000},
     }[case]
     if case == "no-data":
         data = tmp_path / "missing.csv"
@@ -238,6 +240,8 @@ def test_run_overrides_are_validated_and_typed(tmp_path: Path) -> None:
         deploy.run_overrides("noise-multiplier=lots")
     with pytest.raises(ConfigError, match=r"--test .*missing\.csv: file does not exist"):
         deploy.run_overrides("", test_file="missing.csv")  # relative: must be here (SuperLink host)
+    with pytest.raises(ConfigError, match="do not combine it with scenario='fleet'"):
+        deploy.run_overrides("scenario=fleet", test_file=tmp_path)
 
 
 @pytest.mark.xfail(
