@@ -70,7 +70,79 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--canaries", type=int, default=1000, metavar="M", help="canaries (default 1000)")
     audit.add_argument("--guesses", type=int, default=100, metavar="K", help="canary guesses (default 100)")
     audit.add_argument("--verbose", action="store_true", help="show TensorFlow's own logs")
+    _add_deployment_parsers(sub)
     return parser
+
+
+def _add_deployment_parsers(sub: Any) -> None:
+    """``certs``, ``superlink``, ``supernode``, ``run``: thin wrappers over Flower's own processes."""
+    certs = sub.add_parser(
+        "certs", help="make the federation's CA, the SuperLink's TLS certificate, site keys"
+    )
+    certs.add_argument("--out", required=True, metavar="DIR", help="folder for the files (reused if present)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME_OR_IP",
+        help="a name or IP address sites use to reach the SuperLink (repeat for several); the loopback is "
+        "always included",
+    )
+    certs.add_argument("--site", action="append", default=[], metavar="NAME", help="a site to make a key for")
+    certs.add_argument("--days", type=int, default=365, metavar="N", help="validity of new certificates")
+    certs.add_argument("--force", action="store_true", help="replace the SuperLink certificate and site keys")
+
+    link = sub.add_parser("superlink", help="start the SuperLink (flower-superlink) with TLS and site keys")
+    link.add_argument("--certs", metavar="DIR", help="the folder made by `fedae certs`")
+    link.add_argument(
+        "--address",
+        default="0.0.0.0:8000",
+        metavar="HOST[:PORT]",
+        help="where to listen (default 0.0.0.0:8000)",
+    )
+    link.add_argument(
+        "--state",
+        metavar="DIR",
+        default="superlink-state",
+        help="database and flwr config (./superlink-state)",
+    )
+    link.add_argument(
+        "--insecure", action="store_true", help="plaintext and no site authentication: tests only"
+    )
+    link.add_argument("--verbose", action="store_true", help="debug logging")
+
+    node = sub.add_parser("supernode", help="start this site's SuperNode (flower-supernode)")
+    node.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+    node.add_argument("--ca", metavar="FILE", help="the federation's ca.crt")
+    node.add_argument("--data", required=True, metavar="FILE", help="this site's data file")
+    node.add_argument("--name", metavar="SITE", help="the site's name (default: the data file's name)")
+    node.add_argument(
+        "--key", metavar="FILE", help="the site's private key (sites/SITE.key from `fedae certs`)"
+    )
+    node.add_argument(
+        "--id", type=int, required=True, metavar="N", help="the site's number, unique in the federation"
+    )
+    node.add_argument("--state-dir", metavar="DIR", help="privacy ledger and app files (./fedae-state/SITE)")
+    node.add_argument("--target-epsilon", type=float, metavar="E", help="this site's own privacy budget")
+    node.add_argument(
+        "--port", type=int, metavar="P", help="local port for Flower's app runtime (default: free)"
+    )
+    node.add_argument("--insecure", action="store_true", help="plaintext, no authentication: tests only")
+    node.add_argument("--verbose", action="store_true", help="debug logging")
+
+    run = sub.add_parser("run", help="submit a federated run to a SuperLink and follow it")
+    run.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+    run.add_argument("--ca", metavar="FILE", help="the federation's ca.crt")
+    run.add_argument("--rounds", type=int, metavar="N", help="number of federated rounds")
+    run.add_argument(
+        "--run-config", metavar="'key=value ...'", default="", help="keys of [tool.flwr.app.config]"
+    )
+    run.add_argument("--test", metavar="FILE", help="labelled test file, on the SuperLink host (1 = anomaly)")
+    run.add_argument(
+        "--out", metavar="RUN_DIR", help="output folder on the SuperLink host (runs/<time>-deploy)"
+    )
+    run.add_argument("--insecure", action="store_true", help="plaintext connection: tests only")
+    run.add_argument("--verbose", action="store_true", help="debug logging")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -170,6 +242,65 @@ def _privacy(args: argparse.Namespace) -> int:
     return EXIT_OK if audit["audit_passed"] else EXIT_FAILURE
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from fedae.certs import make_certs, next_steps
+
+    report = make_certs(args.out, args.host, args.site, days=args.days, force=args.force)
+    for path in report.written:
+        print(f"written: {path}")
+    for path in report.kept:
+        print(f"kept:    {path}")
+    print(f"\n{next_steps(report)}")
+    return EXIT_OK
+
+
+def _superlink(args: argparse.Namespace) -> int:
+    from fedae.deploy import plan_superlink, run_superlink
+
+    if args.insecure:
+        logger.warning(
+            "INSECURE: plaintext traffic and no SuperNode authentication; any machine that reaches this "
+            "port can join the federation or submit runs. Never use --insecure across sites."
+        )
+    return run_superlink(plan_superlink(args.certs, args.address, args.state, insecure=args.insecure))
+
+
+def _supernode(args: argparse.Namespace) -> int:
+    from fedae.deploy import plan_supernode, run_supernode
+
+    if args.insecure:
+        logger.warning("INSECURE: plaintext traffic, and this site does not check who the SuperLink is")
+    plan = plan_supernode(
+        args.superlink,
+        args.data,
+        ca=args.ca,
+        key=args.key,
+        partition_id=args.id,
+        site=args.name,
+        state_dir=args.state_dir,
+        target_epsilon=args.target_epsilon,
+        port=args.port,
+        insecure=args.insecure,
+    )
+    return run_supernode(plan)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedae.deploy import run_overrides, submit_run
+
+    if args.insecure:
+        logger.warning("INSECURE: the run and its settings travel in plaintext")
+    overrides = run_overrides(args.run_config, args.rounds, args.test, args.out)
+    outcome = submit_run(args.superlink, overrides, ca=args.ca, insecure=args.insecure)
+    if not outcome.succeeded:
+        print(f"\nRun {outcome.run_id} {outcome.status}: {outcome.details or 'see the log above'}")
+        return EXIT_FAILURE
+    out = outcome.out_dir
+    print(f"\nRun {outcome.run_id} {outcome.status}. On the SuperLink host:")
+    print(f"  summary: {out / 'summary.json'}\n  bundle:  {out / 'bundle'}\n  report:  {out / 'report.md'}")
+    return EXIT_OK
+
+
 def _scenarios(_: argparse.Namespace) -> int:
     from simulations import scenarios
 
@@ -201,7 +332,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     _setup_logging(verbose=getattr(args, "verbose", False))
-    handlers = {"simulate": _simulate, "scenarios": _scenarios, "privacy": _privacy}
+    handlers = {
+        "simulate": _simulate,
+        "scenarios": _scenarios,
+        "privacy": _privacy,
+        "certs": _certs,
+        "superlink": _superlink,
+        "supernode": _supernode,
+        "run": _run,
+    }
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError) as err:
