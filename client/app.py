@@ -44,6 +44,7 @@ from shared.config import ConfigError, FedaeConfig
 from shared.data.errors import DataError
 from shared.data.sources import DataSpec
 from shared.ledger import PrivacyLedger, ledger_path
+from shared.logs import log_to_stderr
 from shared.privacy import PrivacyRefusal
 from shared.setup import DATA_ERROR, RUN_KEY, SECAGG_CLIPPED, UNIT_WEIGHT, decode_setup
 from shared.task import SiteData, evaluate_client, train_client
@@ -74,6 +75,7 @@ def _data_error(msg: Message, context: Context, err: Exception) -> Message:
     """An error reply naming the site and why its data cannot be used; nothing was trained or charged
     (data is read before the ledger is touched)."""
     reason = f"{_site_name(context)}: {err}"
+    log_to_stderr()
     logger.error("%s", reason)
     return Message(error=Error(code=DATA_ERROR, reason=reason), reply_to=msg)
 

@@ -25,6 +25,7 @@ from server.secure import run_secagg_rounds
 from server.strategy import RoundRecorder, TooFewClients, build_strategy
 from shared import faults, pipeline
 from shared.config import FedaeConfig
+from shared.logs import log_to_stderr
 from shared.setup import encode_setup
 
 logger = logging.getLogger("fedae.server")
@@ -142,6 +143,7 @@ def build_server_app(config: FedaeConfig | None = None, compare_baselines: bool 
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        log_to_stderr()
         run_federation(
             grid, config or FedaeConfig.from_run_config(context.run_config), compare_baselines, context
         )

@@ -244,11 +244,6 @@ def test_run_overrides_are_validated_and_typed(tmp_path: Path) -> None:
         deploy.run_overrides("scenario=fleet", test_file=tmp_path)
 
 
-@pytest.mark.xfail(
-    raises=ConfigError,
-    strict=False,
-    reason="until the server side lands: scenario 'files' taking its data spec from test-file alone",
-)
 def test_run_with_a_test_file_is_the_files_scenario(tmp_path: Path) -> None:
     test = tmp_path / "test.csv"
     test.write_text("a,label\n1,0\n")
@@ -313,7 +308,8 @@ class Processes:
         self.folder = folder
         self.started: dict[str, subprocess.Popen] = {}
 
-    def fedae(self, name: str, *args: str) -> subprocess.Popen:
+    def fedae(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start ``fedae ARGS`` as ``name``; ``env``: variables added to this process's environment."""
         log = (self.folder / f"{name}.log").open("w")
         process = subprocess.Popen(
             [sys.executable, "-m", "fedae", *args],
@@ -321,7 +317,7 @@ class Processes:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         log.close()
         self.started[name] = process
@@ -403,10 +399,10 @@ class Federation:
         self.address = f"127.0.0.1:{self.port}"
         make_certs(self.certs, ["127.0.0.1"], self.sites)
 
-    def start_superlink(self) -> float:
+    def start_superlink(self, env: dict[str, str] | None = None) -> float:
         self.processes.fedae(
             "superlink", "superlink", "--certs", str(self.certs), "--address", self.address,
-            "--state", str(self.state),
+            "--state", str(self.state), env=env,
         )  # fmt: skip
         return self.processes.wait_for(
             "SuperLink up with every site key registered",
@@ -415,7 +411,13 @@ class Federation:
         )
 
     def start_supernode(
-        self, index: int, *, name: str | None = None, ca: Path | None = None, key: Path | None = None
+        self,
+        index: int,
+        *,
+        name: str | None = None,
+        ca: Path | None = None,
+        key: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> str:
         """Start site ``index`` (its key and CA from the federation unless given); returns its log name."""
         site = f"site{index}"
@@ -426,7 +428,7 @@ class Federation:
         self.processes.fedae(
             name, "supernode", "--superlink", self.address, "--ca", str(ca or self.certs / CA_CERT),
             "--key", str(key or site_key_paths(self.certs, site)[0]), "--data", str(data),
-            "--name", site, "--id", str(index), "--state-dir", str(self.folder / f"state-{name}"),
+            "--name", site, "--id", str(index), "--state-dir", str(self.folder / f"state-{name}"), env=env,
         )  # fmt: skip
         return name
 
@@ -455,19 +457,15 @@ def _test_file(path: Path, rows: int = 200) -> None:
     frame.to_csv(path, index=False)
 
 
-# Until the ClientApp reads each site's --data file, sites train on the built-in fleet scenario
-# (partition-id picks the site). To switch to the site files: set SITE_FILES = True (the run then gets
-# --test FILE, which makes it scenario "files"); nothing else changes.
-SITE_FILES = False
-FAST = "rows-per-site=400 batch-size=64 fraction-evaluate=0.0"  # no client-side evaluation round trip
+# Each site trains on its own CSV file (--data), the server holds only the labelled test file (--test,
+# which makes the run scenario "files"). No client-side evaluation round trip, to keep the tests short.
+FAST = "batch-size=64 fraction-evaluate=0.0 target-epsilon=20"  # 255-row sites pay about 2.5 a round
 
 
 def _data_args(folder: Path, sites: int, min_clients: int) -> list[str]:
-    config = f"{FAST} min-available-clients={min_clients}"
-    if SITE_FILES:
-        _test_file(folder / "test.csv")
-        return ["--test", str(folder / "test.csv"), "--run-config", config]
-    return ["--run-config", f"scenario=fleet num-clients={sites} {config}"]
+    _test_file(folder / "test.csv")
+    config = f"{FAST} num-clients={sites} min-available-clients={min_clients}"
+    return ["--test", str(folder / "test.csv"), "--run-config", config]
 
 
 @pytest.mark.slow
@@ -585,5 +583,58 @@ def test_a_site_killed_in_round_one_leaves_the_run_to_the_other_two(
     assert run.returncode == 0, processes.tails()
     summary = json.loads((out / "summary.json").read_text())
     assert [sorted(r["clients"]) for r in summary["rounds"]] == [[0, 1], [0, 1]]
+    # The server logged who failed: the node the SuperLink gave up on, with Flower's reason.
+    (failure,) = summary["rounds"][0]["failed"]
+    assert "Node Unavailable" in failure["reason"] and failure["node"] not in (0, None)
+    assert "failed, error" in processes.log("run")
     after = time.monotonic() - killed
     print(f"\nkilled site noticed after {noticed:.1f} s; run finished {after:.1f} s after the kill")
+
+
+def _ledger_rounds(state_dir: Path, client: int) -> list[tuple[str, int]]:
+    from shared.ledger import PrivacyLedger, ledger_path
+
+    with PrivacyLedger(ledger_path(state_dir, client), create=False) as ledger:
+        return [(e.run_id, e.round) for e in ledger.events()]
+
+
+@pytest.mark.slow
+def test_a_crashed_server_resumes_after_a_superlink_restart_and_a_bad_update_is_rejected(
+    processes: Processes, tmp_path: Path
+) -> None:
+    from shared.checkpoint import CHECKPOINT_FILE, load_checkpoint
+
+    federation = Federation(processes, tmp_path, sites=3)
+    # The ServerApp (a child of the SuperLink) dies right after checkpointing round 1; site 2 sends NaN.
+    federation.start_superlink(env={"FEDAE_FAULT_INJECT": "server-exit@1"})
+    for index in range(3):
+        federation.start_supernode(index, env={"FEDAE_FAULT_INJECT": "nan-weights"} if index == 2 else None)
+    federation.wait_online(3)
+    out = tmp_path / "run"
+    args = ["--rounds", "2", "--out", str(out), *_data_args(tmp_path, 3, min_clients=2)]
+    first = federation.run("run-first", *args)
+    processes.wait_for("the first run to fail", lambda: first.poll() is not None, timeout=600, every=1.0)
+    assert first.returncode == 1 and "finished:failed" in processes.log("run-first"), processes.tails()
+    checkpoint = load_checkpoint(out / CHECKPOINT_FILE)
+    assert checkpoint is not None and checkpoint.completed_round == 1
+
+    # The SuperLink host restarts (now without the fault); the sites reconnect by themselves.
+    processes.kill("superlink")
+    processes.started["superlink-first"] = processes.started.pop("superlink")
+    (tmp_path / "superlink.log").rename(tmp_path / "superlink-first.log")
+    federation.start_superlink()
+    federation.wait_online(3, timeout=180)
+    second = federation.run("run-second", *args)
+    processes.wait_for("the resumed run to finish", lambda: second.poll() is not None, timeout=600, every=1.0)
+    assert second.returncode == 0, processes.tails()
+    assert "resuming run" in processes.log("run-second")
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    for row in summary["rounds"]:
+        assert row["clients"] == [0, 1] and row["trained"] == [0, 1, 2]
+        assert "non-finite" in row["rejected"]["2"]
+    # Each site paid once per round, under the run's key, though Flower ran the app twice.
+    for index in range(3):
+        state = tmp_path / f"state-supernode-site{index}"
+        assert _ledger_rounds(state, index) == [(checkpoint.run_key, 1), (checkpoint.run_key, 2)]
