@@ -153,7 +153,7 @@ def build_strategy(config: FedaeConfig, recorder: RoundRecorder, num_clients: in
         "all_or_nothing": config.client_dp_enabled,
     }
     if not config.client_dp_enabled:
-        cls = type(f"BudgetAware{base.__name__}", (ExcludeExhausted, base), mixin)
+        cls = type(f"BudgetAware{base.__name__}", (RoundGuard, base), mixin)
         return cls(**common, **extra)
     # Flower's accounted wrappers need the inner strategy's own FedAvg aggregation, equally weighted:
     # the budget filter goes around the wrapper instead, and every client reports weight 1. A fraction
@@ -162,7 +162,7 @@ def build_strategy(config: FedaeConfig, recorder: RoundRecorder, num_clients: in
     common["fraction_train"] = 1e-9
     inner = base(**common, **extra, weighted_by_key=UNIT_WEIGHT)
     wrapper = client_dp.wrapper_class(config)
-    cls = type(f"BudgetAware{wrapper.__name__}", (ExcludeExhausted, wrapper), mixin)
+    cls = type(f"BudgetAware{wrapper.__name__}", (RoundGuard, wrapper), mixin)
     return cls(inner, **client_dp.wrapper_arguments(config, num_clients))
 
 
@@ -183,7 +183,7 @@ class _GridWithout:
         return getattr(self._grid, name)
 
 
-class ExcludeExhausted:
+class RoundGuard:
     """Strategy mixin that guards each round: clients that replied "budget exhausted" get no further
     train or evaluate messages; every returned model is checked (``shared.updates``) and a bad one is
     left out of the aggregate; failed replies (a site's data error, a node that went away) are logged
@@ -214,9 +214,8 @@ class ExcludeExhausted:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.exhausted: dict[int, str] = {}  # node id -> the client's reason
         self._sent_arrays: list[np.ndarray] = []
-        self._sent: list[
-            Message
-        ] = []  # this round's train messages: their ids name the node an error was for
+        # This round's train messages: their ids name the node a SuperLink-made error reply was for.
+        self._sent: list[Message] = []
         self._node_client: dict[int, int] = {}  # node id -> the client id it last replied as
         self.previously_exhausted: list[int] = []  # client ids, from before a resume (node ids change)
         self._withheld_in_a_row: list[str] = []
@@ -306,12 +305,16 @@ class ExcludeExhausted:
             self.exhausted[node] = reason
             logger.warning("round %d: %s; excluded from later rounds", server_round, reason)
             return
+        self._failed(server_round, node, int(reply.error.code), reason)
+
+    def _failed(self, server_round: int, node: int, code: int, reason: str) -> None:
+        """Log and record a reply that brought no update, with the client the node last replied as."""
         client = self._node_client.get(node)
         who = f"client {client} (node {node})" if client is not None else f"node {node}"
-        logger.warning("round %d: %s failed, error %s: %s", server_round, who, reply.error.code, reason)
+        logger.warning("round %d: %s failed, error %s: %s", server_round, who, code, reason)
         if self.recorder is not None:
             self.recorder.failed[server_round].append(
-                {"node": node, "client": client, "code": int(reply.error.code), "reason": reason}
+                {"node": node, "client": client, "code": code, "reason": reason}
             )
 
     def _destination(self, reply: Message) -> int:
@@ -331,11 +334,7 @@ class ExcludeExhausted:
             client = int(metrics["client-id"])
             returned = reply.content["arrays"].to_numpy_ndarrays()
         except (KeyError, TypeError, ValueError) as err:
-            reason = f"malformed reply (no model, metrics or client-id: {err!r})"
-            logger.warning("round %d: node %d's reply rejected: %s", server_round, node, reason)
-            if self.recorder is not None:
-                failure = {"node": node, "client": self._node_client.get(node), "code": 0, "reason": reason}
-                self.recorder.failed[server_round].append(failure)
+            self._failed(server_round, node, 0, f"malformed reply (no model, metrics or client-id: {err!r})")
             return False
         self._node_client[node] = client
         check = check_update(self._sent_arrays, returned, self.max_update_norm)

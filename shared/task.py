@@ -203,11 +203,8 @@ def train_client(
     in the ledger (all rounds of all runs that used it), not this round alone.
     """
     data = client_data(config, client_id, site)
-    received = weights_digest(weights)
-    if (
-        config.dp_enabled
-        and (kept := _kept_reply(config, ledger, run_id, server_round, received)) is not None
-    ):
+    received = weights_digest(weights) if config.dp_enabled else ""  # what a kept update is keyed by
+    if received and (kept := _kept_reply(config, ledger, run_id, server_round, received)) is not None:
         return kept
     target_epsilon = config.target_epsilon if target_epsilon is None else target_epsilon
     sigma, charged, history = 0.0, None, []

@@ -5,7 +5,7 @@ import pytest
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from server.strategy import ExcludeExhausted, RoundRecorder, build_strategy
+from server.strategy import RoundGuard, RoundRecorder, build_strategy
 from shared.config import FedaeConfig
 from shared.models import ModelSpec
 from shared.training import LocalTrainer, TrainSettings
@@ -14,7 +14,7 @@ from shared.training import LocalTrainer, TrainSettings
 @pytest.mark.parametrize(("name", "cls"), [("fedavg", FedAvg), ("fedadam", FedAdam), ("fedprox", FedProx)])
 def test_strategy_from_config(name: str, cls: type) -> None:
     strategy = build_strategy(FedaeConfig(strategy=name, min_available_clients=3), RoundRecorder(), 5)
-    assert isinstance(strategy, cls) and isinstance(strategy, ExcludeExhausted)
+    assert isinstance(strategy, cls) and isinstance(strategy, RoundGuard)
     assert strategy.min_available_nodes == 3
     if name == "fedprox":
         assert strategy.proximal_mu == FedaeConfig().proximal_mu
