@@ -217,6 +217,7 @@ class RoundGuard:
         # This round's train messages: their ids name the node a SuperLink-made error reply was for.
         self._sent: list[Message] = []
         self._node_client: dict[int, int] = {}  # node id -> the client id it last replied as
+        self._round_clients: dict[int, int] = {}  # client id -> the node that replied as it this round
         self.previously_exhausted: list[int] = []  # client ids, from before a resume (node ids change)
         self._withheld_in_a_row: list[str] = []
 
@@ -247,6 +248,7 @@ class RoundGuard:
                 f"{server_round}"
             )
         self._sent_arrays = arrays.to_numpy_ndarrays()
+        self._round_clients = {}
         self._sent = self._open(super().configure_train(server_round, arrays, config, self._grid(grid)))  # type: ignore[misc]
         return self._sent
 
@@ -335,6 +337,13 @@ class RoundGuard:
             returned = reply.content["arrays"].to_numpy_ndarrays()
         except (KeyError, TypeError, ValueError) as err:
             self._failed(server_round, node, 0, f"malformed reply (no model, metrics or client-id: {err!r})")
+            return False
+        other = self._round_clients.setdefault(client, node)
+        if other != node:
+            # Two sites configured with one --id: the records are keyed by client id, so the second
+            # reply is left out (not recorded) until the operator gives each site its own id.
+            reason = f"client-id {client} already replied from node {other} this round"
+            self._failed(server_round, node, 0, reason)
             return False
         self._node_client[node] = client
         check = check_update(self._sent_arrays, returned, self.max_update_norm)

@@ -116,3 +116,13 @@ def test_a_malformed_reply_is_rejected_not_raised() -> None:
     arrays, _ = strategy.aggregate_train(1, [_Reply(10, _moved(0.1), 0), broken])
     assert arrays is not None  # client 0's update, alone
     assert recorder.failed[1][0]["node"] == 12 and "malformed reply" in recorder.failed[1][0]["reason"]
+
+
+def test_a_client_id_used_by_two_nodes_in_one_round_is_rejected_the_second_time() -> None:
+    strategy, recorder = _guarded(min_clients=1)
+    strategy.aggregate_train(1, [_Reply(10, _moved(0.1), client=0), _Reply(11, _moved(0.1), client=0)])
+    assert recorder.rejected[1] == {} and sorted(recorder.train[1]) == [0]
+    (failure,) = recorder.failed[1]
+    assert (
+        failure["node"] == 11 and failure["reason"] == "client-id 0 already replied from node 10 this round"
+    )
