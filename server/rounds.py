@@ -36,9 +36,11 @@ class RoundBook:
         config = self.config
         train = self.recorder.train.get(server_round, {})
         if not train:
-            # Nobody trained (every client refused: budget spent): no new model, no round to record.
             logger.warning("round %d/%d: no client trained", server_round, config.num_server_rounds)
-            return
+            if not self.recorder.failed.get(server_round):
+                # Every client refused (budget spent): no new model, nothing to record. A round whose
+                # replies failed (data errors, nodes gone) is recorded, so the summary says who and why.
+                return
         held_out = self.recorder.evaluate.get(server_round, {})
         self.latest_epsilon.update({cid: m["epsilon"] for cid, m in train.items() if "epsilon" in m})
         epsilons = list(self.latest_epsilon.values())
@@ -74,7 +76,9 @@ class RoundBook:
             if epsilons
             else ", no DP",
         )
-        if math.isfinite(loss) and loss < self.best_loss:
+        # Only a round that aggregated made a new model: a withheld or failed round's is the previous one
+        # (round 1's would be the untrained initial model).
+        if row["clients"] and math.isfinite(loss) and loss < self.best_loss:
             self.best_loss, self.best_round, self.best_weights = loss, server_round, weights
 
     def state(self) -> dict:

@@ -126,3 +126,16 @@ def test_a_client_id_used_by_two_nodes_in_one_round_is_rejected_the_second_time(
     assert (
         failure["node"] == 11 and failure["reason"] == "client-id 0 already replied from node 10 this round"
     )
+
+
+def test_a_round_that_aggregated_nothing_is_recorded_but_never_the_best() -> None:
+    from server.rounds import RoundBook
+
+    strategy, recorder = _guarded(min_clients=2)
+    book = RoundBook(FedaeConfig(), recorder, GLOBAL)
+    strategy.aggregate_train(1, [_Reply(10, _moved(0.1), 0), _Reply(11, code=4210)])  # 1 < 2 accepted
+    book.close_round(1, GLOBAL, loss=0.5)
+    strategy.aggregate_train(2, [_Reply(10, code=4210)])  # nobody trained; the failure is still told
+    book.close_round(2, GLOBAL, loss=0.5)
+    assert [r["round"] for r in book.rows] == [1, 2] and book.best_round == 0
+    assert book.rows[0]["not_aggregated"] and book.rows[1]["failed"][0]["code"] == 4210
