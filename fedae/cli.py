@@ -88,9 +88,25 @@ def _add_deployment_parsers(sub: Any) -> None:
         help="a name or IP address sites use to reach the SuperLink (repeat for several); the loopback is "
         "always included",
     )
-    certs.add_argument("--site", action="append", default=[], metavar="NAME", help="a site to make a key for")
-    certs.add_argument("--days", type=int, default=365, metavar="N", help="validity of new certificates")
-    certs.add_argument("--force", action="store_true", help="replace the SuperLink certificate and site keys")
+    certs.add_argument(
+        "--site",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a site to make a key for; its --id is fixed in DIR/sites.json",
+    )
+    certs.add_argument(
+        "--days",
+        type=int,
+        default=365,
+        metavar="N",
+        help="validity of a new SuperLink certificate, 1 to 3650 (default 365)",
+    )
+    certs.add_argument(
+        "--force",
+        action="store_true",
+        help="reissue the SuperLink certificate (with --host) and make new keys for the --site(s) named",
+    )
 
     link = sub.add_parser("superlink", help="start the SuperLink (flower-superlink) with TLS and site keys")
     link.add_argument("--certs", metavar="DIR", help="the folder made by `fedae certs`")
@@ -120,7 +136,11 @@ def _add_deployment_parsers(sub: Any) -> None:
         "--key", metavar="FILE", help="the site's private key (sites/SITE.key from `fedae certs`)"
     )
     node.add_argument(
-        "--id", type=int, required=True, metavar="N", help="the site's number, unique in the federation"
+        "--id",
+        type=int,
+        required=True,
+        metavar="N",
+        help="the site's number as `fedae certs` printed it (sites.json); its ledger is filed under it",
     )
     node.add_argument("--state-dir", metavar="DIR", help="privacy ledger and app files (./fedae-state/SITE)")
     node.add_argument("--target-epsilon", type=float, metavar="E", help="this site's own privacy budget")
@@ -139,7 +159,10 @@ def _add_deployment_parsers(sub: Any) -> None:
     )
     run.add_argument("--test", metavar="FILE", help="labelled test file, on the SuperLink host (1 = anomaly)")
     run.add_argument(
-        "--out", metavar="RUN_DIR", help="output folder on the SuperLink host (runs/<time>-deploy)"
+        "--out",
+        metavar="RUN_DIR",
+        help="output folder on the SuperLink host (default: the run config's out-dir, else "
+        "runs/<time>-deploy)",
     )
     run.add_argument("--insecure", action="store_true", help="plaintext connection: tests only")
     run.add_argument("--verbose", action="store_true", help="debug logging")
@@ -292,10 +315,11 @@ def _run(args: argparse.Namespace) -> int:
         logger.warning("INSECURE: the run and its settings travel in plaintext")
     overrides = run_overrides(args.run_config, args.rounds, args.test, args.out)
     outcome = submit_run(args.superlink, overrides, ca=args.ca, insecure=args.insecure)
+    out = outcome.out_dir
     if not outcome.succeeded:
         print(f"\nRun {outcome.run_id} {outcome.status}: {outcome.details or 'see the log above'}")
+        print(f"  its checkpoint (if any round completed) is in {out}; run again with --out {out} to resume")
         return EXIT_FAILURE
-    out = outcome.out_dir
     print(f"\nRun {outcome.run_id} {outcome.status}. On the SuperLink host:")
     print(f"  summary: {out / 'summary.json'}\n  bundle:  {out / 'bundle'}\n  report:  {out / 'report.md'}")
     return EXIT_OK

@@ -3,7 +3,8 @@
 Each command builds the command line of one of Flower's own programs (``flower-superlink``,
 ``flower-supernode``, ``flwr``) with fedae's settings and runs it; plain Flower commands keep working on
 the same files. The command lines are built by pure functions (tested without starting anything); the
-rest starts the process, forwards SIGINT/SIGTERM to it and returns its exit code.
+rest starts the process, forwards SIGINT/SIGTERM to it and maps its end to the CLI's exit codes: 0 when it
+succeeded or honoured a stop fedae passed on, 1 otherwise (with one line naming its code).
 
 Flower 1.42 facts this relies on (read from its source, checked on this machine):
 
@@ -53,6 +54,7 @@ DEFAULT_PORT = 8000  # Flower 1.42's SuperLink port
 CONNECTION = "fedae"  # the SuperLink connection's name in fedae's own flwr config.toml
 PORT_WAIT_S = 60.0  # how long `fedae superlink` waits for the SuperLink to listen before registering keys
 STOP_GRACE_S = 10.0  # how long a child gets to exit after SIGTERM before SIGKILL
+SITE_RECORD = "site.json"  # in a SuperNode's state-dir: the site and id its ledger is filed under
 ConfigValue = str | int | float | bool
 
 
@@ -191,6 +193,7 @@ class SuperLinkPlan:
     flwr_home: Path
     certs_dir: Path | None
     site_keys: dict[str, Path]  # site name -> public key file to register
+    warnings: tuple[str, ...] = ()  # about the certificates folder, logged when the SuperLink starts
 
     @property
     def local_address(self) -> str:
@@ -215,10 +218,11 @@ def plan_superlink(
     for path in files:
         if not path.is_file():
             raise ConfigError(f"{path}: file does not exist (make it with `fedae certs --out {folder}`)")
+    warnings = tuple(certs.superlink_file_warnings(folder))  # ConfigError on files that cannot work
     command += ["--ssl-ca-certfile", str(files[0]), "--ssl-certfile", str(files[1])]
     command += ["--ssl-keyfile", str(files[2]), "--enable-supernode-auth"]
     keys = {site: certs.site_key_paths(folder, site)[1] for site in certs.sites_in(folder)}
-    return SuperLinkPlan(command, host, port, state, state / "flwr", folder, keys)
+    return SuperLinkPlan(command, host, port, state, state / "flwr", folder, keys, warnings)
 
 
 def register_command(public_key: Path, site: str) -> list[str]:
@@ -239,17 +243,26 @@ def _flwr_json(command: Sequence[str], env: Mapping[str, str], timeout: float = 
     return answer
 
 
-def register_site(public_key: Path, site: str, env: Mapping[str, str], attempts: int = 5) -> str:
-    """Register one site's key; returns ``"registered"`` or ``"known"`` (an already registered key is not
-    an error: restarting the SuperLink re-registers every key in the folder). Raises ``RuntimeError``."""
+def register_site(
+    public_key: Path,
+    site: str,
+    env: Mapping[str, str],
+    attempts: int = 5,
+    alive: Callable[[], bool] = lambda: True,
+) -> str:
+    """Register one site's key; returns ``"registered as node N"`` or ``"already registered"`` (not an
+    error: restarting the SuperLink re-registers every key in the folder). Raises ``RuntimeError``, also
+    as soon as ``alive()`` (the SuperLink is running) turns false."""
     message = ""
     for attempt in range(attempts):
+        if not alive():
+            raise RuntimeError(f"the SuperLink stopped before site {site!r} was registered")
         answer = _flwr_json(register_command(public_key, site), env)
         if answer.get("success"):
-            return "registered"
+            return f"registered as node {answer.get('node-id', '?')}"  # the NODE_ID to unregister it by
         message = str(answer.get("error-message", answer))
         if "already in use" in message:
-            return "known"
+            return "already registered"
         # Just after start-up the API may not answer yet: retry a few times before giving up.
         logger.debug("registering %s failed (attempt %d): %s", site, attempt + 1, message)
         time.sleep(1.0)
@@ -287,10 +300,8 @@ def run_superlink(plan: SuperLinkPlan) -> int:
         if not plan.site_keys and plan.certs_dir is not None:
             logger.warning("no site keys in %s: no SuperNode can join", plan.certs_dir / certs.SITES_DIR)
         for site, public_key in plan.site_keys.items():
-            outcome = register_site(public_key, site, env)
-            logger.info(
-                "site %s: %s", site, "registered" if outcome == "registered" else "already registered"
-            )
+            outcome = register_site(public_key, site, env, alive=lambda: process.poll() is None)
+            logger.info("site %s: %s", site, outcome)
         address = join_address(plan.host, plan.port)
         logger.info("SuperLink ready on %s with %d site key(s)", address, len(plan.site_keys))
 
@@ -300,7 +311,9 @@ def run_superlink(plan: SuperLinkPlan) -> int:
         "let only your sites and operators reach it",
         plan.port,
     )
-    return run_forwarding(plan.command, env, on_start=register_all)
+    for warning in plan.warnings:
+        logger.warning("%s", warning)
+    return cli_exit_code("flower-superlink", run_forwarding(plan.command, env, on_start=register_all))
 
 
 # -- SuperNode -------------------------------------------------------------------------------------
@@ -357,6 +370,7 @@ def plan_supernode(
     else:
         certs.check_site_name(site)
     state = Path(state_dir or Path("fedae-state") / site).expanduser().resolve()
+    check_site_record(state, site, partition_id)
     if port is not None and not 0 < port < 65536:
         raise ConfigError(f"--port must be from 1 to 65535, got {port}")
     local_port = port if port is not None else free_port()
@@ -367,10 +381,41 @@ def plan_supernode(
         if ca is None or key is None:
             raise ConfigError("--ca FILE and --key FILE are required (from `fedae certs`), or --insecure")
         command += ["--root-certificates", str(_existing_file(ca, "--ca"))]
-        command += ["--auth-supernode-private-key", str(_existing_file(key, "--key"))]
+        key_file = _existing_file(key, "--key")
+        certs.load_site_key(key_file)  # as flower-supernode loads it: a wrong file is exit 2 here
+        command += ["--auth-supernode-private-key", str(key_file)]
     node_config = site_node_config(partition_id, site, data_file, state, target_epsilon)
     command += ["--node-config", key_values(node_config), "--host", "127.0.0.1", "--port", str(local_port)]
     return SuperNodePlan(command, node_config, state, state / "flwr", local_port)
+
+
+def check_site_record(state_dir: Path, site: str, partition_id: int) -> None:
+    """Refuse to start site ``site`` as ``--id partition_id`` on a state-dir kept for another site or id.
+
+    The privacy ledger is filed by id (``STATE_DIR/client-<id>/``): another id would start a fresh ledger
+    and lose the epsilon already spent. ``run_supernode`` records both in ``STATE_DIR/site.json`` on the
+    first start; a state-dir from before that record is judged by the ledger folders it holds.
+    """
+    path = state_dir / SITE_RECORD
+    if path.exists():
+        try:
+            record = json.loads(path.read_text())
+            recorded = (str(record["site"]), int(record["id"]))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path} is not a site record written by fedae supernode ({err})") from err
+        if recorded != (site, partition_id):
+            raise ConfigError(
+                f"--state-dir {state_dir} belongs to --name {recorded[0]} --id {recorded[1]} ({path}), "
+                f"not --name {site} --id {partition_id}: the site's privacy ledger is filed under its id; "
+                "start it with the recorded values, or give another --state-dir"
+            )
+        return
+    ledgers = sorted(p.name for p in state_dir.glob("client-*") if p.is_dir())
+    if ledgers and f"client-{partition_id}" not in ledgers:
+        raise ConfigError(
+            f"--state-dir {state_dir} holds the privacy ledger(s) {ledgers}, not client-{partition_id}: "
+            f"--id {partition_id} would start a fresh ledger; start the site with its earlier --id"
+        )
 
 
 def _existing_file(path: str | Path, option: str) -> Path:
@@ -382,6 +427,10 @@ def _existing_file(path: str | Path, option: str) -> Path:
 
 def run_supernode(plan: SuperNodePlan) -> int:
     plan.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    record = plan.state_dir / SITE_RECORD
+    if not record.exists():
+        site = {"site": plan.node_config["site"], "id": plan.node_config["partition-id"]}
+        certs.write_atomic(record, (json.dumps(site) + "\n").encode(), replace=False)
     logger.info(
         "site %s (partition-id %s): state in %s, local API port %d",
         plan.node_config["site"],
@@ -389,10 +438,7 @@ def run_supernode(plan: SuperNodePlan) -> int:
         plan.state_dir,
         plan.port,
     )
-    code = run_forwarding(plan.command, child_env(plan.flwr_home))
-    if code not in (0, 128 + signal.SIGINT, 128 + signal.SIGTERM):
-        logger.error("flower-supernode exited with code %d; its log above says why", code)
-    return code
+    return cli_exit_code("flower-supernode", run_forwarding(plan.command, child_env(plan.flwr_home)))
 
 
 # -- run -------------------------------------------------------------------------------------------
@@ -419,7 +465,8 @@ def run_overrides(
 ) -> dict[str, ConfigValue]:
     """The run config ``fedae run`` sends, validated here against fedae's own config first.
 
-    ``out-dir`` is made absolute here; it is a path on the SuperLink host, where the ServerApp runs.
+    ``out-dir`` (``out_dir``, else the run config's, else ``runs/<time>-deploy``) is made absolute here;
+    it is a path on the SuperLink host, where the ServerApp runs.
     """
     from shared.config import FedaeConfig, parse_key_values
 
@@ -437,10 +484,19 @@ def run_overrides(
         if not test.exists():
             logger.warning("--test %s is not on this machine: it must exist on the SuperLink host", test)
         overrides |= {"scenario": "files", "test-file": str(test.resolve())}
+    configured = str(overrides.get("out-dir") or "") or None
+    if out_dir is not None and configured is not None and _absolute(out_dir) != _absolute(configured):
+        raise ConfigError(
+            f"--out {_absolute(out_dir)} and run-config out-dir={configured!r} differ: give only one"
+        )
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    overrides["out-dir"] = str(Path(out_dir or Path("runs") / f"{stamp}-deploy").expanduser().resolve())
+    overrides["out-dir"] = str(_absolute(out_dir or configured or Path("runs") / f"{stamp}-deploy"))
     typed = FedaeConfig().with_overrides(overrides).to_run_config()  # ConfigError on bad keys/values
     return {key: typed[key] for key in overrides}
+
+
+def _absolute(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
 
 
 def flwr_run_command(app: Path, overrides: Mapping[str, ConfigValue]) -> list[str]:
@@ -498,7 +554,12 @@ def submit_run(
         if not answer.get("success"):
             raise RuntimeError(f"flwr run failed: {answer.get('error-message', answer)}")
         run_id = int(answer["run-id"])
-        logger.info("run %d submitted to %s; streaming its log", run_id, join_address(host, port))
+        logger.info(
+            "run %d submitted to %s; its outputs go to %s on the SuperLink host; streaming its log",
+            run_id,
+            join_address(host, port),
+            overrides["out-dir"],
+        )
         try:
             subprocess.run(flwr_log_command(run_id), env=env, check=False)
             return _wait_until_finished(run_id, env, poll_s, Path(str(overrides["out-dir"])))
@@ -529,6 +590,45 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class ChildExit:
+    """How a child run by ``run_forwarding`` ended."""
+
+    code: int  # as a shell reports it (killed by signal N: 128 + N)
+    stop_signal: int | None = None  # the first SIGINT/SIGTERM fedae received while the child ran
+
+    @property
+    def stopped_on_request(self) -> bool:
+        """fedae was asked to stop, and the child ended as Flower ends on that: 0, or killed by it
+        (``flower-superlink`` re-raises SIGTERM after a clean shutdown: 143)."""
+        honoured = (0, *(128 + sig for sig in STOP_SIGNALS))
+        return self.stop_signal is not None and self.code in honoured
+
+
+def cli_exit_code(program: str, result: ChildExit) -> int:
+    """The CLI's exit code for a child's end: 0 when it succeeded or honoured a stop fedae passed on;
+    otherwise 1, with one line naming ``program`` and its code."""
+    if result.stopped_on_request and result.stop_signal is not None:
+        logger.info("%s stopped on %s", program, signal.Signals(result.stop_signal).name)
+        return 0
+    if result.code == 0:
+        return 0
+    killed = f" (killed by {signal.Signals(result.code - 128).name})" if _is_signal(result.code - 128) else ""
+    logger.error("%s exited with code %d%s; its log above says why", program, result.code, killed)
+    return 1
+
+
+def _is_signal(number: int) -> bool:
+    try:
+        signal.Signals(number)
+    except ValueError:
+        return False
+    return True
+
+
 def _in_terminal_foreground() -> bool:
     """Whether a terminal's Ctrl-C reaches this process group (and so the child, which shares it)."""
     try:
@@ -541,32 +641,43 @@ def run_forwarding(
     command: Sequence[str],
     env: Mapping[str, str],
     on_start: Callable[[subprocess.Popen], None] | None = None,
-) -> int:
-    """Run ``command``, forwarding SIGINT and SIGTERM to it; return its exit code.
+) -> ChildExit:
+    """Run ``command``, forwarding SIGINT and SIGTERM to it; return how it ended.
 
-    The child stays in fedae's process group so that killing the group stops both. A terminal's Ctrl-C
-    already reaches the whole group: forwarding it as well would deliver it twice, and Flower treats a
-    second SIGINT as "exit now" (its graceful handler is gone after the first).
-    ``on_start`` runs once the child is started (registering keys); if it raises, the child is stopped.
+    The handlers are installed before the child starts: a signal that arrives while it is being started
+    is passed on as soon as it exists, so no moment exists where a SIGTERM ends fedae and leaves the
+    child running. The child stays in fedae's process group so that killing the group stops both. A
+    terminal's Ctrl-C already reaches the whole group: forwarding it as well would deliver it twice, and
+    Flower treats a second SIGINT as "exit now" (its graceful handler is gone after the first).
+    ``on_start`` runs once the child is started (registering keys); if it raises, the child is stopped,
+    unless a stop was asked for already (then its failure is that stop, and the child is waited for).
     """
-    process = subprocess.Popen(list(command), env=dict(env))
+    process: subprocess.Popen | None = None
+    received: list[int] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        if process.poll() is not None:
-            return
+        received.append(signum)
+        if process is None or process.poll() is not None:
+            return  # not started yet: passed on once it is
         if signum == signal.SIGINT and _in_terminal_foreground():
             return
         process.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
+        process = subprocess.Popen(list(command), env=dict(env))
+        if received:  # it arrived before the child existed: the child has not seen it, terminal or not
+            process.send_signal(received[0])
         if on_start is not None:
             try:
                 on_start(process)
             except BaseException:
-                stop(process)
-                raise
-        return exit_code(process.wait())
+                if not received:
+                    stop(process)
+                    raise
+                logger.debug("start-up cut short by %s", signal.Signals(received[0]).name, exc_info=True)
+        code = exit_code(process.wait())
+        return ChildExit(code, received[0] if received else None)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +28,7 @@ import psutil
 import pytest
 
 from fedae import deploy
-from fedae.certs import CA_CERT, make_certs, site_key_paths
+from fedae.certs import CA_CERT, CA_KEY, make_certs, site_key_paths
 from shared.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,11 +123,42 @@ def test_superlink_command(certs_dir: Path, tmp_path: Path) -> None:
     assert "--insecure" not in command
     assert plan.site_keys == {s: site_key_paths(certs_dir, s)[1] for s in ("s0", "s1")}
     assert plan.local_address == "127.0.0.1:18000" and plan.flwr_home == tmp_path / "state" / "flwr"
+    (warning,) = plan.warnings  # the test folder holds every key: the SuperLink host should not
+    assert str(certs_dir / CA_KEY) in warning and "do not belong on the SuperLink host" in warning
     insecure = deploy.plan_superlink(None, "127.0.0.1:18000", tmp_path / "state", insecure=True).command
     assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
 
 
+@pytest.mark.parametrize(
+    ("answer", "alive", "expected"),
+    [
+        ({"success": True, "node-id": 77}, True, "registered as node 77"),
+        (
+            {"success": False, "error-message": "[code: 23] Public key already in use"},
+            True,
+            "already registered",
+        ),
+        ({"success": True, "node-id": 77}, False, "stopped before site 'north' was registered"),
+    ],
+)
+def test_register_site_names_the_node_or_gives_up_once_the_superlink_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: dict, alive: bool, expected: str
+) -> None:
+    monkeypatch.setattr(deploy, "_flwr_json", lambda *_, **__: answer)
+    public_key = tmp_path / "north.pub"
+    if alive:
+        assert deploy.register_site(public_key, "north", {}, alive=lambda: True) == expected
+    else:
+        with pytest.raises(RuntimeError, match=expected):
+            deploy.register_site(public_key, "north", {}, alive=lambda: False)
+
+
 def test_superlink_needs_its_certificate_files(certs_dir: Path, tmp_path: Path) -> None:
+    (certs_dir / "superlink.crt").write_text("not a certificate\n")
+    with pytest.raises(
+        ConfigError, match=re.escape(f"{certs_dir / 'superlink.crt'} is not a PEM certificate")
+    ):
+        deploy.plan_superlink(certs_dir, "0.0.0.0", tmp_path / "state")
     (certs_dir / "superlink.key").unlink()
     with pytest.raises(ConfigError, match=r"superlink.key: file does not exist"):
         deploy.plan_superlink(certs_dir, "0.0.0.0", tmp_path / "state")
@@ -210,6 +243,51 @@ def test_supernode_refuses_missing_files_and_bad_values(
     assert needle.format(tmp=tmp_path) in str(error.value)
 
 
+def _plan_site(certs_dir: Path, tmp_path: Path, **kwargs: object) -> deploy.SuperNodePlan:
+    data = tmp_path / "north.csv"
+    data.write_text("a\n1\n")
+    arguments: dict = dict(ca=certs_dir / CA_CERT, key=site_key_paths(certs_dir, "s0")[0], partition_id=0)
+    arguments |= {"site": "north", "state_dir": tmp_path / "state", **kwargs}
+    return deploy.plan_supernode("127.0.0.1:18000", data, **arguments)
+
+
+def test_supernode_refuses_a_key_flower_cannot_load(certs_dir: Path, tmp_path: Path) -> None:
+    public = site_key_paths(certs_dir, "s0")[1]  # the .pub given instead of the private key
+    with pytest.raises(ConfigError, match=re.escape(f"{public} is not an unencrypted OpenSSH private key")):
+        _plan_site(certs_dir, tmp_path, key=public)
+
+
+def test_supernode_state_dir_stays_with_its_site_and_id(
+    certs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(deploy, "run_forwarding", lambda *_, **__: deploy.ChildExit(0))
+    assert deploy.run_supernode(_plan_site(certs_dir, tmp_path)) == 0  # first start: records the site
+    record = tmp_path / "state" / deploy.SITE_RECORD
+    assert json.loads(record.read_text()) == {"site": "north", "id": 0}
+    assert deploy.run_supernode(_plan_site(certs_dir, tmp_path)) == 0  # same site and id: fine
+    with pytest.raises(ConfigError) as error:
+        _plan_site(certs_dir, tmp_path, partition_id=3)
+    assert "belongs to --name north --id 0" in str(error.value) and "not --name north --id 3" in str(
+        error.value
+    )
+    with pytest.raises(ConfigError, match=r"belongs to --name north --id 0.*not --name south --id 0"):
+        _plan_site(certs_dir, tmp_path, site="south")
+    record.write_text("{broken")
+    with pytest.raises(ConfigError, match=re.escape(f"{record} is not a site record")):
+        _plan_site(certs_dir, tmp_path)
+
+
+def test_supernode_state_dir_from_before_the_record_is_judged_by_its_ledger(
+    certs_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "state" / "client-1").mkdir(parents=True)  # a ledger kept under --id 1
+    with pytest.raises(
+        ConfigError, match=re.escape("holds the privacy ledger(s) ['client-1'], not client-0")
+    ):
+        _plan_site(certs_dir, tmp_path, partition_id=0)
+    assert _plan_site(certs_dir, tmp_path, partition_id=1).node_config["partition-id"] == 1
+
+
 def test_supernode_cli_exits_2_naming_the_missing_file(certs_dir: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "fedae", "supernode", "--superlink", "127.0.0.1:1", "--id", "0"]
     command += ["--ca", str(certs_dir / CA_CERT), "--data", str(tmp_path / "nowhere.csv")]
@@ -258,6 +336,63 @@ def test_run_out_dir_defaults_to_an_absolute_timestamped_folder(tmp_path: Path) 
     assert Path(str(out)).is_absolute() and Path(str(out)).parent == tmp_path / "runs"
 
 
+def test_run_config_out_dir_is_honoured_and_a_different_out_refused(tmp_path: Path) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        assert deploy.run_overrides("out-dir='runs/mine'")["out-dir"] == str(tmp_path / "runs" / "mine")
+        same = deploy.run_overrides("out-dir='runs/mine'", out_dir=tmp_path / "runs" / "mine")
+        assert same["out-dir"] == str(tmp_path / "runs" / "mine")
+        with pytest.raises(ConfigError, match=r"--out .*other and run-config out-dir='runs/mine' differ"):
+            deploy.run_overrides("out-dir='runs/mine'", out_dir="other")
+
+
+def _fake_flwr(status: str) -> Callable[..., dict]:
+    """`flwr run` and `flwr ls` answers without a SuperLink: the run is accepted, then has ``status``."""
+
+    def answer(command: list[str], *_: object, **__: object) -> dict:
+        if command[1] == "run":
+            return {"success": True, "run-id": 42}
+        return {"success": True, "runs": [{"status": status, "status-details": "ServerApp failed"}]}
+
+    return answer
+
+
+def test_submitting_a_run_says_where_its_outputs_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(deploy, "_flwr_json", _fake_flwr("finished:completed"))
+    monkeypatch.setattr(deploy.subprocess, "run", lambda *_, **__: None)  # `flwr log --stream`
+    overrides = deploy.run_overrides("", out_dir=tmp_path / "r1")
+    with caplog.at_level(logging.INFO, logger="fedae.deploy"):
+        outcome = deploy.submit_run("127.0.0.1:1", overrides, insecure=True)
+    assert outcome.succeeded and outcome.out_dir == tmp_path / "r1"
+    assert f"run 42 submitted to 127.0.0.1:1; its outputs go to {tmp_path / 'r1'} on the SuperLink host" in (
+        caplog.text
+    )
+
+
+def test_a_failed_run_says_where_to_resume_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from fedae import cli
+
+    fedae_logger = logging.getLogger("fedae")  # cli.main sets up logging: undone after the test
+    monkeypatch.setattr(fedae_logger, "handlers", list(fedae_logger.handlers))
+    monkeypatch.setattr(fedae_logger, "propagate", fedae_logger.propagate)
+    monkeypatch.setattr(fedae_logger, "level", fedae_logger.level)
+    monkeypatch.setattr(deploy, "_flwr_json", _fake_flwr("finished:failed"))
+    monkeypatch.setattr(deploy.subprocess, "run", lambda *_, **__: None)
+    out = tmp_path / "r1"
+    code = cli.main(["run", "--superlink", "127.0.0.1:1", "--insecure", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "Run 42 finished:failed: ServerApp failed" in printed
+    assert (
+        f"its checkpoint (if any round completed) is in {out}; run again with --out {out} to resume"
+        in printed
+    )
+
+
 def test_app_bundle_holds_the_apps_code_and_nothing_large() -> None:
     import io
     import zipfile
@@ -278,6 +413,34 @@ def test_exit_code_reports_signals_as_a_shell_does() -> None:
     assert deploy.exit_code(-signal.SIGTERM) == 128 + signal.SIGTERM
 
 
+@pytest.mark.parametrize(
+    ("code", "stop_signal", "expected"),
+    [
+        (0, None, 0),
+        (128 + signal.SIGTERM, signal.SIGTERM, 0),  # flower-superlink re-raises SIGTERM after shutting down
+        (0, signal.SIGINT, 0),  # Flower's graceful exit
+        (128 + signal.SIGINT, signal.SIGINT, 0),
+        (1, None, 1),
+        (7, signal.SIGTERM, 1),  # asked to stop, but it ended with an error
+        (128 + signal.SIGTERM, None, 1),  # stopped by someone else, not through fedae
+        (128 + signal.SIGKILL, signal.SIGTERM, 1),
+    ],
+)
+def test_a_childs_end_maps_to_the_cli_contract(
+    code: int, stop_signal: int | None, expected: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="fedae.deploy"):
+        assert deploy.cli_exit_code("flower-superlink", deploy.ChildExit(code, stop_signal)) == expected
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    if expected == 1:
+        (error,) = errors
+        assert error.startswith(f"flower-superlink exited with code {code}")
+        assert error.endswith("; its log above says why") and len(error.splitlines()) == 1
+        assert ("killed by SIGKILL" in error) is (code == 128 + signal.SIGKILL)
+    else:
+        assert errors == []
+
+
 def test_sigterm_is_forwarded_to_the_child_and_its_code_returned(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     child = (
@@ -295,9 +458,36 @@ def test_sigterm_is_forwarded_to_the_child_and_its_code_returned(tmp_path: Path)
 
     threading.Thread(target=send_sigterm_when_ready, daemon=True).start()
     started = time.monotonic()
-    assert deploy.run_forwarding([sys.executable, "-c", child], dict(os.environ)) == 7
+    result = deploy.run_forwarding([sys.executable, "-c", child], dict(os.environ))
+    assert result == deploy.ChildExit(7, signal.SIGTERM)
     assert time.monotonic() - started < 30
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_a_sigterm_while_the_child_starts_still_reaches_it(tmp_path: Path) -> None:
+    # The signal arrives after fedae's handlers are installed but before the child exists: the child must
+    # still get it, and fedae must not die leaving it running. In a subprocess: a regression kills it.
+    script = (
+        "import os, signal, subprocess, sys, time\n"
+        "from fedae import deploy\n"
+        "real = subprocess.Popen\n"
+        "def late_popen(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(*args, **kwargs)\n"
+        "deploy.subprocess.Popen = late_popen\n"
+        "started = time.monotonic()\n"
+        "child = [sys.executable, '-c', 'import time; time.sleep(60)']\n"
+        "result = deploy.run_forwarding(child, dict(os.environ))\n"
+        "print(result.code, result.stop_signal, deploy.cli_exit_code('child', result), "
+        "round(time.monotonic() - started))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    code, stop_signal, cli_code, seconds = map(int, done.stdout.split())
+    assert (code, stop_signal, cli_code) == (128 + signal.SIGTERM, signal.SIGTERM, 0)
+    assert seconds < 30  # the child was stopped, not waited out
 
 
 # -- real processes ---------------------------------------------------------------------------------------
@@ -532,8 +722,10 @@ def test_sigterm_stops_the_superlink_and_a_restart_keeps_its_registrations(
     assert [Path(p.cmdline()[1]).name for p in flower] == ["flower-superlink"]
     os.kill(fedae_superlink.pid, signal.SIGTERM)  # to fedae only: it must pass it on
     processes.wait_for("fedae superlink to stop", lambda: fedae_superlink.poll() is not None, timeout=60)
-    # flower-superlink shuts down cleanly, then (uvicorn) re-raises SIGTERM: 143 is its code, and fedae's.
-    assert fedae_superlink.returncode == 128 + signal.SIGTERM, processes.tails()
+    # flower-superlink shuts down cleanly, then (uvicorn) re-raises SIGTERM: 143. A stop fedae passed on
+    # and the SuperLink honoured is a success for the CLI contract.
+    assert fedae_superlink.returncode == 0, processes.tails()
+    assert "flower-superlink stopped on SIGTERM" in processes.log("superlink")
     assert "Application shutdown complete" in processes.log("superlink")
     assert not psutil.pid_exists(flower[0].pid) or flower[0].status() == psutil.STATUS_ZOMBIE
 
