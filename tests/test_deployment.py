@@ -783,6 +783,12 @@ def test_a_site_killed_in_round_one_leaves_the_run_to_the_other_two(
     assert "failed, error" in processes.log("run")
     after = time.monotonic() - killed
     print(f"\nkilled site noticed after {noticed:.1f} s; run finished {after:.1f} s after the kill")
+    # The dead site rejoins by starting again: same key, so the same node as before.
+    processes.started[f"{victims[2]}-dead"] = processes.started.pop(victims[2])
+    (tmp_path / f"{victims[2]}.log").rename(tmp_path / f"{victims[2]}-dead.log")
+    federation.start_supernode(2)
+    federation.wait_online(3)
+    assert failure["node"] in [int(n) for n in _online(federation.state)]
 
 
 def _ledger_rounds(state_dir: Path, client: int) -> list[tuple[str, int]]:
