@@ -1,0 +1,1 @@
+"""Attacks on the detector: evasion at test time (``evasion``); poisoning during training comes later."""
