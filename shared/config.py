@@ -102,6 +102,13 @@ class FedaeConfig:
     label_column: str = "label"
     out_dir: str = ""
     state_dir: str = ""
+    # The adversarial-robustness evaluation every run ends with (shared/robustness.py): budgets in the
+    # model's input space, on a stratified sample of this many labelled test rows (0: no evaluation),
+    # and the score-only attack's query budget per row (0: no black-box attack).
+    robustness_linf_epsilons: str = "0.02,0.05,0.1"
+    robustness_l2_epsilons: str = "0.25,0.5,1.0"
+    robustness_rows: int = 400
+    robustness_queries: int = 500
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -262,6 +269,16 @@ class FedaeConfig:
         if self.model == "conv" and self.scenario in ("fleet", "wdbc"):
             raise ConfigError(f"model 'conv' needs image data; scenario {self.scenario!r} is tabular")
         self.normal_class_list  # noqa: B018 - validates the list syntax
+        if self.robustness_rows < 0 or self.robustness_queries < 0:
+            raise ConfigError(
+                f"robustness-rows and robustness-queries must be >= 0, got {self.robustness_rows} and "
+                f"{self.robustness_queries}"
+            )
+        for key in ("robustness-linf-epsilons", "robustness-l2-epsilons"):
+            try:
+                parse_epsilons(getattr(self, key.replace("-", "_")), key)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
         # Site files partitioned naturally have one client per file: the count is known once the data is
         # listed, and the server and the simulation runner check again with it.
         known_clients = None if self.sites_are_files else self.num_clients
@@ -438,6 +455,18 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if kind is int and isinstance(value, float) and not value.is_integer():
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     return converted
+
+
+def parse_epsilons(text: str, key: str) -> list[float]:
+    """A comma-separated list of attack budgets (``"0.02,0.05"``); empty: none."""
+    try:
+        values = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError as err:
+        raise ValueError(f"{key} must be comma-separated numbers, got {text!r}") from err
+    bad = [v for v in values if not (v > 0 and math.isfinite(v))]
+    if bad:
+        raise ValueError(f"{key} must hold positive finite numbers, got {bad}")
+    return values
 
 
 def parse_key_values(text: str) -> dict[str, str]:

@@ -140,6 +140,23 @@ def fit_and_score(
     return scorer, threshold, scorer.score(residuals(model, spec, x_test))
 
 
+def _robustness(setup: RunSetup, trainer: Any, scorer: ResidualScorer, threshold: float) -> dict[str, Any]:
+    """The adversarial-robustness evaluation of the exported detector (shared/robustness.py)."""
+    config = setup.config
+    if config.robustness_rows == 0:
+        return {"enabled": False}
+    from shared import robustness
+    from shared.attacks import evasion
+
+    x_calibration = setup.scaler.transform(setup.data.x_calibration)
+    low, high = evasion.input_range(setup.spec.kind, x_calibration)
+    target = evasion.Target(trainer.model, trainer.spec, scorer, threshold, low, high)
+    section = robustness.evaluate(
+        target, setup.scaler.transform(setup.data.x_test), setup.data.y_test, config, setup.spec.kind
+    )
+    return {"enabled": True, **section}
+
+
 def comparison(setup: RunSetup, federated_auc: float) -> dict[str, float]:
     """Federated model vs the same AE trained centrally without DP vs IsolationForest, same test split."""
     from shared.baselines import central_autoencoder_auc, isolation_forest_auc
@@ -199,6 +216,7 @@ def finish(
         setup.scaler.transform(setup.data.x_test),
     )
     detector_metrics = detection_metrics(test_scores, setup.data.y_test, threshold)
+    robustness_section = _robustness(setup, trainer, scorer, threshold)
     rule = describe_rule(config.threshold_rule, config.threshold_percentile, config.threshold_k)
     privacy_record.per_round_max = [r.get("max_epsilon") for r in rounds]
     privacy_info = privacy_section(config, privacy_record)
@@ -257,6 +275,7 @@ def finish(
             "test_rows": len(setup.data.y_test),
             "test_anomaly_rows": int(setup.data.y_test.sum()),
         },
+        "robustness": robustness_section,
         "comparison": comparison(setup, detector_metrics["test_auc"]) if compare else {},
         "bundle": "bundle",
         "run_config": config.to_run_config(),

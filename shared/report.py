@@ -81,7 +81,46 @@ def write_plots(
     ax.set(xscale="log", xlabel="anomaly score", ylabel="density", title="Test anomaly scores")
     ax.legend()
     names.append(_save(fig, out_dir / "errors.png"))
+    robustness = summary.get("robustness") or {}
+    if robustness.get("evasion"):
+        names.append(_save(_robustness_figure(robustness, plt), out_dir / "robustness.png"))
     return names
+
+
+def _robustness_figure(robustness: dict[str, Any], plt: Any) -> Any:
+    """Detection rate under attacks that hide anomalies, false-alarm rate under attacks on normal rows,
+    against the budget, one line per attack; the clean figure at budget 0."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row")
+    clean = robustness["clean"]
+    panels = {
+        ("evade", "linf"): (0, 0),
+        ("evade", "l2"): (0, 1),
+        ("false-alarm", "linf"): (1, 0),
+        ("false-alarm", "l2"): (1, 1),
+    }
+    for (direction, norm), (i, j) in panels.items():
+        ax = axes[i][j]
+        metric = "detection_rate" if direction == "evade" else "false_alarm_rate"
+        for attack in sorted({r["attack"] for r in robustness["evasion"]}):
+            rows = sorted(
+                (
+                    r
+                    for r in robustness["evasion"]
+                    if (r["attack"], r["norm"], r["direction"]) == (attack, norm, direction)
+                ),
+                key=lambda r: r["epsilon"],
+            )
+            if rows:
+                xs = [0.0] + [r["epsilon"] for r in rows]
+                ax.plot(xs, [clean[metric]] + [r[metric] for r in rows], marker="o", label=attack)
+        label = (
+            "detection rate (anomalies attacked)"
+            if direction == "evade"
+            else "false-alarm rate (normal attacked)"
+        )
+        ax.set(xlabel=f"{norm} budget", ylabel=label, title=f"{direction}, {norm}", ylim=(-0.02, 1.02))
+        ax.legend(fontsize=8)
+    return fig
 
 
 def _epsilon_figure(summary: dict[str, Any], plt: Any) -> Any:
@@ -136,6 +175,60 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _robustness_lines(robustness: dict[str, Any]) -> list[str]:
+    """The report's robustness section: what an attacker with each capability achieves, then the table."""
+    if not robustness.get("evasion"):
+        return ["", "## Adversarial robustness", "", "Not evaluated (`robustness-rows = 0`)."]
+    from shared.robustness import headline
+
+    clean = robustness["clean"]
+    worst = headline(robustness)
+
+    def said(key: str, metric: str) -> str:
+        row = worst.get(key)
+        if row is None:
+            return "not evaluated"
+        what = metric.replace("_", " ")
+        return (
+            f"{row['attack'].upper()} at {row['norm']} {row['epsilon']:g} takes the {what} from "
+            f"{clean[metric]:.2f} to {row[metric]:.2f} ({row['success_rate']:.0%} of the rows it attacked)"
+        )
+
+    black_box = [r for r in robustness["evasion"] if r["attack"] == "spsa" and r["direction"] == "evade"]
+    spsa = max(black_box, key=lambda r: r["epsilon"]) if black_box else None
+    lines = [
+        "",
+        "## Adversarial robustness",
+        "",
+        f"Evasion attacks on {robustness['rows']} test rows ({robustness['anomalous_rows']} anomalous) in "
+        f"{robustness['space']}; valid range: {robustness['valid_range']}. Clean on this sample: ROC-AUC "
+        f"{clean['auc']:.3f}, detection rate {clean['detection_rate']:.2f}, false-alarm rate "
+        f"{clean['false_alarm_rate']:.2f}.",
+        "",
+        "What an attacker can do: with the model's weights (white box), hiding anomalies: "
+        f"{said('evade linf', 'detection_rate')}; {said('evade l2', 'detection_rate')}. Raising false "
+        f"alarms on normal rows: {said('false-alarm linf', 'false_alarm_rate')}. "
+        + (
+            f"With scores only (a deployed detector, {spsa['queries']} queries a row): SPSA at linf "
+            f"{spsa['epsilon']:g} takes the detection rate to {spsa['detection_rate']:.2f}. "
+            if spsa
+            else ""
+        )
+        + "Random noise of the same size (the `random` rows) shows how much of that is the attack's.",
+        "",
+        "| attack | norm | epsilon | direction | ROC-AUC | detection rate | false-alarm rate | success "
+        "| queries |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *[
+            f"| {r['attack']} | {r['norm']} | {r['epsilon']:g} | {r['direction']} | {r['auc']:.3f} "
+            f"| {r['detection_rate']:.2f} | {r['false_alarm_rate']:.2f} | {r['success_rate']:.2f} "
+            f"| {r['queries']} |"
+            for r in robustness["evasion"]
+        ],
+    ]
+    return lines
 
 
 def _incident_lines(rounds: list[dict[str, Any]]) -> list[str]:
@@ -267,6 +360,7 @@ def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Pa
             f"| {k} | {_fmt(d[k])} |"
             for k in ("test_auc", "test_average_precision", "precision", "recall", "false_alarm_rate")
         ],
+        *_robustness_lines(summary.get("robustness") or {}),
         "",
         "## Comparison on the same test split",
         "",

@@ -1,5 +1,7 @@
 """Evasion attacks on a real trained detector: budgets kept, sanity orderings, and exact clean figures."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -95,3 +97,54 @@ def test_score_only_spsa_evades_within_its_query_budget(detector) -> None:
     assert 0 < used <= 400
     assert np.abs(adversarial - anomalies).max() <= 0.2 * (1 + 1e-6)
     assert np.median(target.score(adversarial)) < 0.7 * np.median(target.score(anomalies))
+
+
+def test_the_run_evaluation_covers_every_setting_and_reports_clean_figures_on_its_sample(detector) -> None:
+    from shared import robustness
+    from shared.config import FedaeConfig
+
+    target, x, y = detector
+    config = FedaeConfig(
+        robustness_linf_epsilons="0.05,0.1",
+        robustness_l2_epsilons="0.5",
+        robustness_rows=100,
+        robustness_queries=100,
+    )
+    section = robustness.evaluate(target, x, y, config, "tabular")
+    assert section["rows"] == 100 and section["anomalous_rows"] == 50
+    # 2 directions x (3 white-box-or-random attacks x 3 budgets + SPSA x 2 L-infinity budgets)
+    assert len(section["evasion"]) == 2 * (3 * 3 + 2)
+    keys = {
+        "attack",
+        "norm",
+        "epsilon",
+        "direction",
+        "auc",
+        "detection_rate",
+        "false_alarm_rate",
+        "success_rate",
+    }
+    assert all(keys <= set(row) for row in section["evasion"])
+    sample = robustness.sample_rows(y, 100, config.seed)
+    clean = detection_metrics(target.score(x[sample]), y[sample], target.threshold)
+    assert section["clean"] == {
+        "auc": clean["test_auc"],
+        "detection_rate": clean["recall"],
+        "false_alarm_rate": clean["false_alarm_rate"],
+    }
+    worst = robustness.headline(section)
+    assert worst["evade linf"]["epsilon"] == 0.1 and worst["evade linf"]["attack"] in ("fgsm", "pgd", "spsa")
+
+
+def test_the_report_says_what_an_attacker_can_do(detector, tmp_path) -> None:
+    from shared import robustness
+    from shared.config import FedaeConfig
+    from shared.report import _robustness_lines
+
+    target, x, y = detector
+    config = FedaeConfig(robustness_linf_epsilons="0.1", robustness_l2_epsilons="0.5", robustness_rows=60)
+    section = robustness.evaluate(target, x, y, config, "tabular")
+    text = "\n".join(_robustness_lines(section))
+    assert "## Adversarial robustness" in text
+    assert re.search(r"hiding anomalies: (FGSM|PGD|SPSA) at linf 0\.1 takes the detection rate from", text)
+    assert "With scores only" in text and text.count("| pgd |") == 4

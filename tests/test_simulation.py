@@ -74,8 +74,21 @@ def test_two_clients_two_rounds_with_dp_end_to_end(tmp_path) -> None:
     assert roc_auc_score(server.y_test, scores) == pytest.approx(summary["detector"]["test_auc"], abs=1e-6)
     assert detector.threshold == pytest.approx(summary["detector"]["threshold"])
     assert detector.metadata["privacy"]["sample_level"]["max_epsilon"] == pytest.approx(second)
-    for name in ("summary.json", "report.md", "loss.png", "epsilon.png", "roc.png", "errors.png"):
+    for name in (
+        "summary.json",
+        "report.md",
+        "loss.png",
+        "epsilon.png",
+        "roc.png",
+        "errors.png",
+        "robustness.png",
+    ):
         assert (out / name).stat().st_size > 0
+    # The run ends with the robustness evaluation of the exported detector.
+    robustness = summary["robustness"]
+    assert robustness["enabled"] and len(robustness["evasion"]) == 2 * (3 * 6 + 3)
+    assert {r["attack"] for r in robustness["evasion"]} == {"random", "fgsm", "pgd", "spsa"}
+    assert "## Adversarial robustness" in (out / "report.md").read_text()
     assert json.loads((out / "summary.json").read_text())["num_clients"] == 2
     # The audit recomputes the same figures from the ledgers alone, with both accountants.
     from fedae.cli import main
