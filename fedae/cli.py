@@ -55,6 +55,21 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("scenarios", help="list the named scenarios")
 
+    robust = sub.add_parser("robustness", help="attack a run's (or a bundle's) detector: evasion figures")
+    robust.add_argument(
+        "target", metavar="RUN_DIR|BUNDLE", help="a run folder, or a bundle folder with --test"
+    )
+    robust.add_argument("--test", metavar="FILE", help="labelled test file for a bundle (1 = anomaly)")
+    robust.add_argument("--label-column", default="label", help="label column of --test (default: label)")
+    robust.add_argument(
+        "--run-config",
+        metavar="'key=value ...'",
+        default="",
+        help="robustness-rows, robustness-linf-epsilons, robustness-l2-epsilons, robustness-queries",
+    )
+    robust.add_argument("--json", action="store_true", help="print the evaluation as JSON")
+    robust.add_argument("--verbose", action="store_true", help="show TensorFlow's own logs")
+
     privacy = sub.add_parser("privacy", help="privacy accounting of a run").add_subparsers(
         dest="privacy_command", required=True
     )
@@ -325,6 +340,22 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _robustness(args: argparse.Namespace) -> int:
+    import json
+
+    from shared.config import ConfigError, parse_key_values
+
+    overrides = parse_key_values(args.run_config)
+    unknown = sorted(k for k in overrides if not k.startswith("robustness-"))
+    if unknown:
+        raise ConfigError(f"--run-config takes robustness-* keys here, got {unknown}")
+    from shared.robustness import evaluate_saved, format_section
+
+    section = evaluate_saved(args.target, args.test, args.label_column, overrides)
+    print(json.dumps(section, indent=2) if args.json else format_section(section))
+    return EXIT_OK
+
+
 def _scenarios(_: argparse.Namespace) -> int:
     from simulations import scenarios
 
@@ -360,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         "simulate": _simulate,
         "scenarios": _scenarios,
         "privacy": _privacy,
+        "robustness": _robustness,
         "certs": _certs,
         "superlink": _superlink,
         "supernode": _supernode,

@@ -177,7 +177,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _robustness_lines(robustness: dict[str, Any]) -> list[str]:
+def robustness_lines(robustness: dict[str, Any]) -> list[str]:
     """The report's robustness section: what an attacker with each capability achieves, then the table."""
     if not robustness.get("evasion"):
         return ["", "## Adversarial robustness", "", "Not evaluated (`robustness-rows = 0`)."]
@@ -360,7 +360,7 @@ def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Pa
             f"| {k} | {_fmt(d[k])} |"
             for k in ("test_auc", "test_average_precision", "precision", "recall", "false_alarm_rate")
         ],
-        *_robustness_lines(summary.get("robustness") or {}),
+        *robustness_lines(summary.get("robustness") or {}),
         "",
         "## Comparison on the same test split",
         "",

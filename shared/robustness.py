@@ -95,3 +95,68 @@ def headline(section: dict[str, Any]) -> dict[str, Any]:
         ):
             worst[key] = row
     return worst
+
+
+def evaluate_saved(
+    target_path: str, test_file: str | None, label_column: str, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """``fedae robustness``: the evaluation of a finished run (RUN_DIR: its bundle, and its test data
+    from its run config) or of a bundle folder with a labelled ``test_file``.
+
+    ``overrides``: robustness-* run-config keys. For a bundle with a test file, a table's valid range is
+    its normal test rows' span (the calibration rows stay with the coordinator)."""
+    import json
+    from pathlib import Path
+
+    from shared.attacks import evasion
+    from shared.config import ConfigError
+    from shared.data.errors import DataError
+    from shared.data.files import align_columns, read_table
+    from shared.data.sources import load_server_data
+    from shared.detector import load_bundle
+
+    path = Path(target_path)
+    summary_path = path / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        config = FedaeConfig.from_run_config(summary["run_config"]).with_overrides(overrides)
+        if test_file:
+            raise ConfigError(f"{path} is a run folder: its test data comes from its run config; drop --test")
+        bundle, data = path / summary.get("bundle", "bundle"), load_server_data(config)
+        detector = load_bundle(bundle)
+        x_raw, y, reference_raw = data.x_test, data.y_test, data.x_calibration
+        kind = data.spec.kind
+        span = "each feature's range over the coordinator's calibration rows"
+    elif (path / "metadata.json").is_file():
+        if not test_file:
+            raise ConfigError(f"{path} is a bundle: give a labelled test file with --test FILE")
+        detector = load_bundle(path)
+        config = FedaeConfig().with_overrides(overrides)
+        schema = detector.metadata.get("input_schema", {})
+        table = read_table(test_file, label_column, require_labels=True)
+        kind = str(schema.get("kind", "tabular"))
+        names = tuple(schema.get("feature_names") or ())
+        x_raw = align_columns(table, names) if names else table.x
+        y = table.labels
+        if y is None or len(np.unique(y)) < 2:
+            raise DataError(
+                f"needs both normal (0) and anomalous (1) rows in {label_column!r}", path=test_file
+            )
+        reference_raw = x_raw[y == 0]
+        span = "each feature's range over the test file's normal rows"
+    else:
+        raise ConfigError(f"{path}: neither a run folder (summary.json) nor a bundle (metadata.json)")
+    x = detector.scaler.transform(x_raw)
+    low, high = evasion.input_range(kind, detector.scaler.transform(reference_raw))
+    target = evasion.Target(detector.model, detector.spec, detector.scorer, detector.threshold, low, high)
+    section = evaluate(target, x, np.asarray(y), config, kind)
+    if kind != "image":
+        section["valid_range"] = span
+    return {"target": str(path), **section}
+
+
+def format_section(section: dict[str, Any]) -> str:
+    """The evaluation as the report prints it (the paragraph and the table)."""
+    from shared.report import robustness_lines
+
+    return "\n".join(robustness_lines(section)).strip()

@@ -139,12 +139,52 @@ def test_the_run_evaluation_covers_every_setting_and_reports_clean_figures_on_it
 def test_the_report_says_what_an_attacker_can_do(detector, tmp_path) -> None:
     from shared import robustness
     from shared.config import FedaeConfig
-    from shared.report import _robustness_lines
+    from shared.report import robustness_lines
 
     target, x, y = detector
     config = FedaeConfig(robustness_linf_epsilons="0.1", robustness_l2_epsilons="0.5", robustness_rows=60)
     section = robustness.evaluate(target, x, y, config, "tabular")
-    text = "\n".join(_robustness_lines(section))
+    text = "\n".join(robustness_lines(section))
     assert "## Adversarial robustness" in text
     assert re.search(r"hiding anomalies: (FGSM|PGD|SPSA) at linf 0\.1 takes the detection rate from", text)
     assert "With scores only" in text and text.count("| pgd |") == 4
+
+
+def test_fedae_robustness_attacks_a_bundle_with_a_test_file(detector, tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    from shared.detector import Detector, save_bundle
+    from shared.preprocess import Scaler
+
+    target, x, y = detector
+    names = [f"f{i}" for i in range(12)]
+    scaler = Scaler(np.zeros(12, np.float32), np.ones(12, np.float32), (12,), True)  # the model saw raw rows
+    schema = {"input_schema": {"kind": "tabular", "shape": [12], "feature_names": names}}
+    bundle = save_bundle(
+        Detector(target.model, target.spec, scaler, target.scorer, target.threshold, "percentile", schema),
+        tmp_path / "bundle",
+    )
+    test = tmp_path / "test.csv"
+    pd.DataFrame(x, columns=names).assign(label=y).to_csv(test, index=False)
+    root = Path(__file__).resolve().parents[1]
+
+    def robustness(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "fedae", "robustness", *args]
+        return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+
+    settings = (
+        "robustness-rows=60 robustness-linf-epsilons=0.1 robustness-l2-epsilons=0.5 robustness-queries=0"
+    )
+    done = robustness(str(bundle), "--test", str(test), "--json", "--run-config", settings)
+    assert done.returncode == 0, done.stderr[-2000:]
+    section = json.loads(done.stdout)
+    assert section["rows"] == 60 and len(section["evasion"]) == 2 * 3 * 2
+    assert section["valid_range"] == "each feature's range over the test file's normal rows"
+    assert robustness(str(bundle), "--run-config", settings).returncode == 2  # a bundle needs --test
+    refused = robustness(str(bundle), "--test", str(test), "--run-config", "epochs=3")
+    assert refused.returncode == 2 and "robustness-* keys" in refused.stderr
