@@ -28,6 +28,7 @@ SCORE_RULES = ("mse", "standardized", "max-standardized")  # shared.scoring.SCOR
 SAMPLINGS = ("poisson", "shuffle")  # shared.training.SAMPLINGS, checked by a test
 CLIENT_DP = ("none", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 AUTO = "auto"
+SPSA_MIN_QUERIES = 34  # one step of shared.attacks.evasion.spsa: 16 probe pairs, and two more scores
 
 
 class ConfigError(ValueError):
@@ -274,11 +275,19 @@ class FedaeConfig:
                 f"robustness-rows and robustness-queries must be >= 0, got {self.robustness_rows} and "
                 f"{self.robustness_queries}"
             )
+        budgets = 0
         for key in ("robustness-linf-epsilons", "robustness-l2-epsilons"):
             try:
-                parse_epsilons(getattr(self, key.replace("-", "_")), key)
+                budgets += len(parse_epsilons(getattr(self, key.replace("-", "_")), key))
             except ValueError as err:
                 raise ConfigError(str(err)) from err
+        if self.robustness_rows > 0 and budgets == 0:
+            raise ConfigError("robustness-rows > 0 needs at least one budget in robustness-*-epsilons")
+        if 0 < self.robustness_queries < SPSA_MIN_QUERIES:
+            raise ConfigError(
+                f"robustness-queries must be 0 (no black-box attack) or at least {SPSA_MIN_QUERIES} (one "
+                f"SPSA step), got {self.robustness_queries}"
+            )
         # Site files partitioned naturally have one client per file: the count is known once the data is
         # listed, and the server and the simulation runner check again with it.
         known_clients = None if self.sites_are_files else self.num_clients

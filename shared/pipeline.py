@@ -151,10 +151,16 @@ def _robustness(setup: RunSetup, trainer: Any, scorer: ResidualScorer, threshold
     x_calibration = setup.scaler.transform(setup.data.x_calibration)
     low, high = evasion.input_range(setup.spec.kind, x_calibration)
     target = evasion.Target(trainer.model, trainer.spec, scorer, threshold, low, high)
-    section = robustness.evaluate(
-        target, setup.scaler.transform(setup.data.x_test), setup.data.y_test, config, setup.spec.kind
-    )
-    return {"enabled": True, **section}
+    try:
+        return robustness.evaluate(
+            target, setup.scaler.transform(setup.data.x_test), setup.data.y_test, config, setup.spec.kind
+        )
+    except Exception as err:  # an evaluation bug must not cost the run its detector and summary
+        logger.error(
+            "the robustness evaluation failed (%s: %s); the run goes on without it", type(err).__name__, err
+        )
+        logger.debug("robustness evaluation", exc_info=True)
+        return {"enabled": False, "reason": f"the evaluation failed: {type(err).__name__}: {err}"}
 
 
 def comparison(setup: RunSetup, federated_auc: float) -> dict[str, float]:

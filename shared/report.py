@@ -179,25 +179,27 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def robustness_lines(robustness: dict[str, Any]) -> list[str]:
     """The report's robustness section: what an attacker with each capability achieves, then the table."""
-    if not robustness.get("evasion"):
-        return ["", "## Adversarial robustness", "", "Not evaluated (`robustness-rows = 0`)."]
+    if not robustness.get("enabled"):
+        why = robustness.get("reason", "`robustness-rows = 0`")
+        return ["", "## Adversarial robustness", "", f"Not evaluated: {why}."]
     from shared.robustness import headline
 
     clean = robustness["clean"]
-    worst = headline(robustness)
 
-    def said(key: str, metric: str) -> str:
+    def said(worst: dict[str, Any], key: str) -> str:
         row = worst.get(key)
         if row is None:
             return "not evaluated"
+        metric = "detection_rate" if row["direction"] == "evade" else "false_alarm_rate"
         what = metric.replace("_", " ")
         return (
-            f"{row['attack'].upper()} at {row['norm']} {row['epsilon']:g} takes the {what} from "
-            f"{clean[metric]:.2f} to {row[metric]:.2f} ({row['success_rate']:.0%} of the rows it attacked)"
+            f"{row['attack'].upper()} at {row['norm']} {row['epsilon']:g} takes the {what} "
+            f"from {clean[metric]:.2f} to {row[metric]:.2f} (it flips {row['success_rate']:.0%} of the "
+            "attacked rows the clean detector got right)"
         )
 
-    black_box = [r for r in robustness["evasion"] if r["attack"] == "spsa" and r["direction"] == "evade"]
-    spsa = max(black_box, key=lambda r: r["epsilon"]) if black_box else None
+    white, scores_only = headline(robustness), headline(robustness, ("spsa",))
+    queries = max((r["queries"] for r in robustness["evasion"] if r["attack"] == "spsa"), default=0)
     lines = [
         "",
         "## Adversarial robustness",
@@ -207,14 +209,15 @@ def robustness_lines(robustness: dict[str, Any]) -> list[str]:
         f"{clean['auc']:.3f}, detection rate {clean['detection_rate']:.2f}, false-alarm rate "
         f"{clean['false_alarm_rate']:.2f}.",
         "",
-        "What an attacker can do: with the model's weights (white box), hiding anomalies: "
-        f"{said('evade linf', 'detection_rate')}; {said('evade l2', 'detection_rate')}. Raising false "
-        f"alarms on normal rows: {said('false-alarm linf', 'false_alarm_rate')}. "
+        "What an attacker can do. With the model's weights (white box), hiding anomalies: "
+        f"{said(white, 'evade linf')}; {said(white, 'evade l2')}. Raising false alarms on normal rows: "
+        f"{said(white, 'false-alarm linf')}; {said(white, 'false-alarm l2')}. "
         + (
-            f"With scores only (a deployed detector, {spsa['queries']} queries a row): SPSA at linf "
-            f"{spsa['epsilon']:g} takes the detection rate to {spsa['detection_rate']:.2f}. "
-            if spsa
-            else ""
+            f"With scores only (a deployed detector, {queries} queries a row), hiding anomalies: "
+            f"{said(scores_only, 'evade linf')}; raising false alarms: "
+            f"{said(scores_only, 'false-alarm linf')}. "
+            if scores_only
+            else "No score-only attack was run (`robustness-queries = 0`). "
         )
         + "Random noise of the same size (the `random` rows) shows how much of that is the attack's.",
         "",

@@ -38,7 +38,32 @@ def detector() -> tuple[evasion.Target, np.ndarray, np.ndarray]:
 def test_the_attacked_score_is_the_detectors_score(detector) -> None:
     target, x, _ = detector
     expected = target.scorer.score(residuals(target.model, target.spec, x))
-    np.testing.assert_allclose(target.score(x), expected, rtol=1e-5)
+    np.testing.assert_allclose(target.score(x), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape", "rule"), [("conv", (8, 8, 1), "mse"), ("vae", (20,), "standardized")]
+)
+def test_conv_and_vae_targets_score_as_the_detector_and_keep_their_budgets(kind, shape, rule) -> None:
+    from shared.models import build_model
+
+    rng = np.random.default_rng(3)
+    spec = ModelSpec(kind, shape, 4, "sigmoid" if kind == "conv" else "linear")
+    model = build_model(spec)
+    x = rng.uniform(0.1, 0.9, size=(40, *shape)).astype(np.float32)
+    scorer = ResidualScorer.fit(rule, residuals(model, spec, x))
+    low, high = evasion.input_range("image" if kind == "conv" else "tabular", x)
+    target = evasion.Target(
+        model, spec, scorer, float(np.median(scorer.score(residuals(model, spec, x)))), low, high
+    )
+    np.testing.assert_allclose(target.score(x), scorer.score(residuals(model, spec, x)), rtol=1e-6)
+    for norm, epsilon in (("linf", 0.1), ("l2", 0.5)):
+        adversarial = evasion.pgd(target, x, epsilon, norm, "false-alarm", steps=5)
+        delta = (adversarial - x).reshape(len(x), -1)
+        size = np.abs(delta).max(axis=1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+        assert size.max() <= epsilon * (1 + 1e-5) and (adversarial >= low - 1e-6).all()
+        assert (adversarial <= high + 1e-6).all()
+        assert np.mean(target.score(adversarial)) > np.mean(target.score(x))
 
 
 @pytest.mark.parametrize("direction", evasion.DIRECTIONS)
@@ -46,17 +71,25 @@ def test_the_attacked_score_is_the_detectors_score(detector) -> None:
 def test_epsilon_zero_reproduces_the_clean_metrics_exactly(detector, attack: str, direction: str) -> None:
     target, x, y = detector
     row = evasion.evasion_metrics(target, x, y, attack, "linf", 0.0, direction)
-    clean = detection_metrics(target.score(x), y, target.threshold)
-    assert row["auc"] == clean["test_auc"] and row["detection_rate"] == clean["recall"]
-    assert row["false_alarm_rate"] == clean["false_alarm_rate"] and row["success_rate"] == 0.0
+    # The pipeline's own figures: the scorer on the model's residuals, as the run reports them.
+    clean = detection_metrics(
+        target.scorer.score(residuals(target.model, target.spec, x)), y, target.threshold
+    )
+    assert row["auc"] == pytest.approx(clean["test_auc"], abs=1e-12)
+    assert row["detection_rate"] == clean["recall"] and row["false_alarm_rate"] == clean["false_alarm_rate"]
+    assert row["success_rate"] == 0.0
 
 
-@pytest.mark.parametrize("norm", evasion.NORMS)
-@pytest.mark.parametrize("attack", ["fgsm", "pgd", "random"])
-def test_perturbations_stay_within_the_budget_and_the_valid_range(detector, attack: str, norm: str) -> None:
+@pytest.mark.parametrize("direction", evasion.DIRECTIONS)
+@pytest.mark.parametrize(
+    ("attack", "norm"),
+    [(a, n) for a in ("fgsm", "pgd", "random") for n in evasion.NORMS] + [("spsa", "linf")],
+)
+def test_perturbations_stay_within_the_budget_and_the_valid_range(detector, attack, norm, direction) -> None:
     target, x, _ = detector
     epsilon = 0.3 if norm == "linf" else 1.0
-    adversarial, _ = evasion.attack_rows(target, x, attack, norm, epsilon, "evade")
+    options = {"query_budget": 100} if attack == "spsa" else {}
+    adversarial, _ = evasion.attack_rows(target, x, attack, norm, epsilon, direction, **options)
     delta = (adversarial - x).reshape(len(x), -1)
     size = np.abs(delta).max(axis=1) if norm == "linf" else np.linalg.norm(delta, axis=1)
     assert size.max() <= epsilon * (1 + 1e-5)
@@ -133,7 +166,8 @@ def test_the_run_evaluation_covers_every_setting_and_reports_clean_figures_on_it
         "false_alarm_rate": clean["false_alarm_rate"],
     }
     worst = robustness.headline(section)
-    assert worst["evade linf"]["epsilon"] == 0.1 and worst["evade linf"]["attack"] in ("fgsm", "pgd", "spsa")
+    assert worst["evade linf"]["epsilon"] == 0.1 and worst["evade linf"]["attack"] in ("fgsm", "pgd")
+    assert robustness.headline(section, ("spsa",))["false-alarm linf"]["attack"] == "spsa"
 
 
 def test_the_report_says_what_an_attacker_can_do(detector, tmp_path) -> None:
@@ -146,7 +180,12 @@ def test_the_report_says_what_an_attacker_can_do(detector, tmp_path) -> None:
     section = robustness.evaluate(target, x, y, config, "tabular")
     text = "\n".join(robustness_lines(section))
     assert "## Adversarial robustness" in text
-    assert re.search(r"hiding anomalies: (FGSM|PGD|SPSA) at linf 0\.1 takes the detection rate from", text)
+    assert re.search(
+        r"white box\), hiding anomalies: (FGSM|PGD) at linf 0\.1 takes the detection rate from", text
+    )
+    assert re.search(
+        r"With scores only .* raising false alarms: SPSA at linf 0\.1 takes the false alarm", text
+    )
     assert "With scores only" in text and text.count("| pgd |") == 4
 
 
@@ -188,3 +227,31 @@ def test_fedae_robustness_attacks_a_bundle_with_a_test_file(detector, tmp_path) 
     assert robustness(str(bundle), "--run-config", settings).returncode == 2  # a bundle needs --test
     refused = robustness(str(bundle), "--test", str(test), "--run-config", "epochs=3")
     assert refused.returncode == 2 and "robustness-* keys" in refused.stderr
+
+
+def test_a_single_class_test_set_is_not_evaluated_and_scarce_classes_fill_the_sample(detector) -> None:
+    from shared import robustness
+    from shared.config import FedaeConfig
+
+    target, x, y = detector
+    section = robustness.evaluate(target, x[y == 0], y[y == 0], FedaeConfig(), "tabular")
+    assert section == {"enabled": False, "reason": "the test data holds only one class (label 0 or 1)"}
+    few_normal = np.concatenate([np.zeros(10, int), np.ones(300, int)])
+    picked = robustness.sample_rows(few_normal, 100, seed=1)
+    assert len(picked) == 100 and few_normal[picked].sum() == 90  # all 10 normal rows, 90 anomalies
+
+
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [
+        ({"robustness-queries": 10}, "robustness-queries must be 0 (no black-box attack) or at least 34"),
+        ({"robustness-linf-epsilons": "", "robustness-l2-epsilons": ""}, "needs at least one budget"),
+        ({"robustness-l2-epsilons": "0.5,-1"}, "positive finite numbers, got [-1.0]"),
+    ],
+)
+def test_bad_robustness_settings_are_refused(settings: dict, needle: str) -> None:
+    from shared.config import ConfigError, FedaeConfig
+
+    with pytest.raises(ConfigError) as error:
+        FedaeConfig().with_overrides(settings)
+    assert needle in str(error.value)

@@ -65,7 +65,7 @@ class Target:
         else:
             reconstruction = self.model(x, training=False)
         residual = tf.reshape(x - reconstruction, (tf.shape(x)[0], -1))
-        squared = tf.cast(tf.square(residual), tf.float64)
+        squared = tf.square(tf.cast(residual, tf.float64))  # as shared.scoring squares: in float64
         if self.scorer.rule == "mse":
             return tf.reduce_mean(squared, axis=1)
         standardized = squared / tf.constant(self.scorer.scale, tf.float64)
@@ -204,6 +204,10 @@ def spsa(
     sign = _sign(direction)
     if epsilon == 0:
         return x.copy(), 0
+    if query_budget < 2 * samples + 2:
+        raise ValueError(
+            f"a query budget of {query_budget} cannot pay for one SPSA step ({2 * samples + 2} queries)"
+        )
     rng = np.random.default_rng(seed)
     step_size = epsilon / 10
     current, best = x.copy(), x.copy()
@@ -213,8 +217,9 @@ def spsa(
         estimate = np.zeros_like(current, dtype=np.float64)
         for _ in range(samples):
             flips = rng.choice(np.array([-1.0, 1.0], np.float32), size=current.shape)
-            up = target.score(current + probe * flips)
-            down = target.score(current - probe * flips)
+            # Probes stay in the valid range too: a deployed detector is only asked about valid inputs.
+            up = target.score(project(target, x, current + probe * flips, "linf", epsilon + probe))
+            down = target.score(project(target, x, current - probe * flips, "linf", epsilon + probe))
             estimate += ((up - down) / (2 * probe)).reshape(-1, *([1] * (x.ndim - 1))) * flips
         used += 2 * samples
         current = project(target, x, current + sign * step_size * np.sign(estimate), "linf", epsilon)
@@ -272,6 +277,7 @@ def evasion_metrics(
     epsilon: float,
     direction: str,
     seed: int = 0,
+    clean_scores: np.ndarray | None = None,
     **options: int,
 ) -> dict[str, object]:
     """Attack the rows the direction targets (anomalies to evade, normal rows for false alarms), leave the
@@ -282,7 +288,7 @@ def evasion_metrics(
 
     y = np.asarray(y)
     targeted = y == (1 if direction == "evade" else 0)
-    clean_scores = target.score(x)
+    clean_scores = target.score(x) if clean_scores is None else clean_scores
     perturbed = x.copy()
     queries = 0
     if targeted.any():
