@@ -650,8 +650,9 @@ def _test_file(path: Path, rows: int = 200) -> None:
 
 
 # Each site trains on its own CSV file (--data), the server holds only the labelled test file (--test,
-# which makes the run scenario "files"). No client-side evaluation round trip, to keep the tests short.
-FAST = "batch-size=64 fraction-evaluate=0.0 target-epsilon=20"  # 255-row sites pay about 2.5 a round
+# which makes the run scenario "files"). No client-side evaluation round trip and no robustness evaluation
+# (tests/test_evasion.py), to keep the tests short; 255-row sites pay about 2.5 epsilon a round.
+FAST = "batch-size=64 fraction-evaluate=0.0 target-epsilon=20 robustness-rows=0"
 
 
 def _data_args(folder: Path, sites: int, min_clients: int) -> list[str]:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 )
 def test_a_broken_update_is_rejected_and_the_run_completes(tmp_path, fault: str, reason: str) -> None:
     out = tmp_path / "run"
-    settings = "num-clients=3 rows-per-site=400 fraction-evaluate=0"
+    settings = "num-clients=3 rows-per-site=400 fraction-evaluate=0 robustness-rows=0"
     args = ["simulate", "--rounds", "2", "--out", str(out), "--no-baselines", "--run-config", settings]
     env = {**os.environ, "FEDAE_FAULT_INJECT": fault}
     done = subprocess.run(

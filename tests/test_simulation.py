@@ -19,11 +19,13 @@ pytestmark = pytest.mark.slow
 
 def wdbc_config(out_dir, **changes) -> FedaeConfig:
     base = FedaeConfig().with_overrides(scenarios.overrides("wdbc"))
-    return base.replace(out_dir=str(out_dir), **{"num_clients": 2, "local_epochs": 1, **changes})
+    # No robustness evaluation unless a test asks for it: the first test checks it on a real run.
+    defaults = {"num_clients": 2, "local_epochs": 1, "robustness_rows": 0}
+    return base.replace(out_dir=str(out_dir), **{**defaults, **changes})
 
 
 def test_two_clients_two_rounds_with_dp_end_to_end(tmp_path) -> None:
-    config = wdbc_config(tmp_path / "run", num_server_rounds=2)
+    config = wdbc_config(tmp_path / "run", num_server_rounds=2, robustness_rows=400)
     summary = simulate(config)
 
     # Rounds and participation.
