@@ -342,15 +342,22 @@ def load_site_file(path: str, spec: DataSpec, label_column: str, seed: int, clie
             f"holds images {table.x.shape[1:]}, the run expects columns {list(spec.feature_names)}", path=path
         )
     x = align_columns(table, spec.feature_names)
-    normal = x if table.labels is None else x[table.labels == 0]
-    if len(normal) == 0:
+    if table.labels is not None and not (table.labels == 0).any():
         raise DataError(f"no normal rows ({label_column} 0) to train on", path=path)
+    return _site_part(x, table.labels, seed, client_id)
+
+
+def _site_part(x: np.ndarray, labels: np.ndarray | None, seed: int, client_id: int) -> ClientData:
+    """One site's rows (simulated site file or deployed data-file): its normal rows train, less a held-out
+    part; labelled anomalies never train and, with the held-out normal rows, give its evaluation AUC (so
+    no training row is scored in it)."""
+    normal = x if labels is None else x[labels == 0]
     x_train, x_holdout = _split_holdout(normal, seed, client_id)
-    if table.labels is None or not table.labels.any():
+    if labels is None or not labels.any():
         return ClientData(client_id, x_train, x_holdout)
-    anomalies = x[table.labels == 1]
-    labels = np.concatenate([np.zeros(len(x_holdout), np.int64), np.ones(len(anomalies), np.int64)])
-    return ClientData(client_id, x_train, x_holdout, np.concatenate([x_holdout, anomalies]), labels)
+    anomalies = x[labels == 1]
+    flags = np.concatenate([np.zeros(len(x_holdout), np.int64), np.ones(len(anomalies), np.int64)])
+    return ClientData(client_id, x_train, x_holdout, np.concatenate([x_holdout, anomalies]), flags)
 
 
 def load_client_data(config: FedaeConfig, client_id: int) -> ClientData:
@@ -363,7 +370,6 @@ def load_client_data(config: FedaeConfig, client_id: int) -> ClientData:
     total = num_clients_for(config)
     if not 0 <= client_id < total:
         raise ConfigError(f"client id {client_id} out of range for {total} clients")
-    labelled_x = labelled_y = None
     if config.scenario == "fleet":
         rows = _fleet_client(config, client_id)
     elif config.scenario == "files":
@@ -371,11 +377,7 @@ def load_client_data(config: FedaeConfig, client_id: int) -> ClientData:
         names = tables[0].feature_names
         if config.partition == "natural":
             table = tables[client_id]
-            rows = _normal_rows(table, names)
-            if table.labels is not None and table.labels.any():
-                # Labelled anomalies never train; with the held-out normal rows (below) they give the
-                # client's evaluation AUC, so no training row is scored in it.
-                labelled_x = align_columns(table, names)[table.labels == 1]
+            return _site_part(align_columns(table, names), table.labels, config.seed, client_id)
         else:
             pool = np.concatenate([_normal_rows(t, names) for t in tables])
             groups = np.concatenate([np.full(len(_normal_rows(t, names)), i) for i, t in enumerate(tables)])
@@ -388,10 +390,7 @@ def load_client_data(config: FedaeConfig, client_id: int) -> ClientData:
         split = _one_class(config)
         rows = split.client_pool[_pooled_parts(config, split.client_groups)[client_id]]
     x_train, x_holdout = _split_holdout(rows, config.seed, client_id)
-    if labelled_x is not None:
-        labelled_y = np.concatenate([np.zeros(len(x_holdout), np.int64), np.ones(len(labelled_x), np.int64)])
-        labelled_x = np.concatenate([x_holdout, labelled_x])
-    return ClientData(client_id, x_train, x_holdout, labelled_x, labelled_y)
+    return ClientData(client_id, x_train, x_holdout)
 
 
 def client_train_rows(config: FedaeConfig, client_id: int) -> int:
