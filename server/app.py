@@ -24,7 +24,7 @@ from server.rounds import RoundBook
 from server.secure import run_secagg_rounds
 from server.strategy import RoundRecorder, TooFewClients, build_strategy
 from shared import faults, pipeline
-from shared.config import FedaeConfig
+from shared.config import ConfigError, FedaeConfig
 from shared.logs import log_to_stderr
 from shared.setup import encode_setup
 
@@ -32,11 +32,16 @@ logger = logging.getLogger("fedae.server")
 
 
 def run_federation(
-    grid: Grid, config: FedaeConfig, compare_baselines: bool = False, context: Context | None = None
+    grid: Grid,
+    config: FedaeConfig,
+    compare_baselines: bool = False,
+    context: Context | None = None,
+    mixins: tuple[type, ...] = (),
 ) -> dict:
     """Run the rounds, then export the detector. ``compare_baselines`` pools every client's training
     data in this process to train the central reference models: only for simulations. ``context`` is the
-    ServerApp's; the SecAgg+ path hands it to Flower's legacy workflow."""
+    ServerApp's; the SecAgg+ path hands it to Flower's legacy workflow. ``mixins``: a simulated
+    adversary's strategy mixins (``simulations/adversary.py``)."""
     started = time.time()
     setup = pipeline.prepare(config)
     config = setup.config  # with the resolved state-dir that clients keep their ledgers in
@@ -49,7 +54,7 @@ def run_federation(
         stopped_early, exhausted, aggregation = outcome.stopped_early, outcome.exhausted, outcome.summary
         client_level: dict = {"enabled": False}  # refused with SecAgg+ at start (shared.config)
     else:
-        stopped_early, exhausted, client_level = _run_plain_rounds(grid, setup, book, resumption)
+        stopped_early, exhausted, client_level = _run_plain_rounds(grid, setup, book, resumption, mixins)
         aggregation = {"secure_aggregation": "none"}
 
     if book.best_round == 0 and stopped_early is not None:
@@ -81,12 +86,16 @@ def run_federation(
 
 
 def _run_plain_rounds(
-    grid: Grid, setup: pipeline.RunSetup, book: RoundBook, resumption: resume.Resumption
+    grid: Grid,
+    setup: pipeline.RunSetup,
+    book: RoundBook,
+    resumption: resume.Resumption,
+    mixins: tuple[type, ...] = (),
 ) -> tuple[str | None, list[int], dict]:
     """Flower's message-API strategy, from round 1 or from the checkpoint's next round; returns why the
     run stopped early (or None), the exhausted clients, and the client-level DP figures."""
     config = setup.config
-    strategy = build_strategy(config, book.recorder, setup.num_clients)
+    strategy = build_strategy(config, book.recorder, setup.num_clients, mixins)
     start_weights = resume.restore(resumption, book, strategy)
     strategy.on_release = lambda: resume.save_accountant(resumption, strategy)  # type: ignore[attr-defined]
     done = resumption.completed_round
@@ -133,20 +142,28 @@ def _run_plain_rounds(
     return stopped_early, strategy.exhausted_clients(), client_level
 
 
-def build_server_app(config: FedaeConfig | None = None, compare_baselines: bool = False) -> ServerApp:
+def build_server_app(
+    config: FedaeConfig | None = None, compare_baselines: bool = False, mixins: tuple[type, ...] = ()
+) -> ServerApp:
     """A ServerApp running ``config``, or the run config Flower passes (``flwr run .``) when None.
 
     ``compare_baselines`` (``fedae simulate`` only) trains the report's central reference models on
     the pooled client data; a deployed coordinator never reads client data, so it is off by default.
+    ``mixins``: a simulated adversary's (``fedae simulate`` only, as is any ``attack``).
     """
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         log_to_stderr()
-        run_federation(
-            grid, config or FedaeConfig.from_run_config(context.run_config), compare_baselines, context
-        )
+        run_config = config or FedaeConfig.from_run_config(context.run_config)
+        if config is None and run_config.attack != "none":
+            # `flwr run` / `fedae run`: real sites run their own code; a poisoning run config would only
+            # make honest fedae clients attack, which is a simulation's job.
+            raise ConfigError(
+                f"attack {run_config.attack!r} is a simulation harness; run it with fedae simulate"
+            )
+        run_federation(grid, run_config, compare_baselines, context, mixins)
 
     return server_app
 

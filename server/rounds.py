@@ -57,6 +57,8 @@ class RoundBook:
             "rejected": {str(c): reason for c, reason in sorted(rejected.items())},
             "failed": list(self.recorder.failed.get(server_round, [])),
             "max_update_norm": max(norms) if norms else None,
+            # Clients whose update clip-update-norm scaled down before aggregation.
+            "clipped": sorted(self.recorder.clipped.get(server_round, [])),
             "train_loss": _weighted(train, "train-loss"),
             "eval_loss": _weighted(held_out, "eval-loss"),
             "calibration_loss": loss,

@@ -13,13 +13,23 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from server import client_dp
 from shared.config import FedaeConfig, clients_per_round
 from shared.privacy import REFUSAL_CODES
 from shared.setup import UNIT_WEIGHT
-from shared.updates import check_update
+from shared.updates import check_update, clip_update
 
 logger = logging.getLogger("fedae.server")
 
@@ -42,6 +52,7 @@ class RoundRecorder:
     rejected: dict[int, dict[int, str]] = field(default_factory=lambda: defaultdict(dict))
     failed: dict[int, list[dict]] = field(default_factory=lambda: defaultdict(list))
     withheld: dict[int, str] = field(default_factory=dict)  # round -> why nothing was aggregated
+    clipped: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))  # clip-update-norm
 
     def _capture(
         self, store: dict[int, dict[int, dict[str, float]]], contents: list[RecordDict], weight_key: str
@@ -125,9 +136,31 @@ class RoundRecorder:
         self.phase_ended.clear()
 
 
-def build_strategy(config: FedaeConfig, recorder: RoundRecorder, num_clients: int) -> Strategy:
+def _base_strategy(config: FedaeConfig, sampled: int) -> tuple[type[Strategy], dict[str, object]]:
+    """Flower's strategy class for ``strategy`` and its own arguments; ``sampled``: clients per round."""
+    f = config.num_malicious_nodes
+    return {
+        "fedavg": (FedAvg, {}),
+        "fedadam": (FedAdam, {"eta": config.server_learning_rate, "eta_l": config.learning_rate}),
+        "fedprox": (FedProx, {"proximal_mu": config.proximal_mu}),
+        "fedmedian": (FedMedian, {}),
+        "fedtrimmedavg": (FedTrimmedAvg, {"beta": config.trim_beta}),
+        "krum": (Krum, {"num_malicious_nodes": f}),
+        "multikrum": (
+            MultiKrum,
+            {"num_malicious_nodes": f, "num_nodes_to_select": config.multikrum_select or sampled - f},
+        ),
+        "bulyan": (Bulyan, {"num_malicious_nodes": f}),
+    }[config.strategy]
+
+
+def build_strategy(
+    config: FedaeConfig, recorder: RoundRecorder, num_clients: int, mixins: tuple[type, ...] = ()
+) -> Strategy:
     """The configured Flower strategy, extended to drop clients whose privacy budget is spent, and
-    wrapped in Flower's client-level DP wrapper when ``client-dp`` is on."""
+    wrapped in Flower's client-level DP wrapper when ``client-dp`` is on. ``mixins`` go first in the
+    class's bases: a simulation's colluding adversary (``simulations/adversary.py``) sees the replies
+    before the server's checks do, as it would on the wire."""
     minimum = min(config.min_available_clients, num_clients)
     if config.client_dp_enabled:
         # The noise is calibrated to a fixed number of clients per round: sample exactly that many.
@@ -141,19 +174,16 @@ def build_strategy(config: FedaeConfig, recorder: RoundRecorder, num_clients: in
         train_metrics_aggr_fn=recorder.aggregate_train,
         evaluate_metrics_aggr_fn=recorder.aggregate_evaluate,
     )
-    base, extra = FedAvg, {}
-    if config.strategy == "fedadam":
-        base, extra = FedAdam, {"eta": config.server_learning_rate, "eta_l": config.learning_rate}
-    elif config.strategy == "fedprox":
-        base, extra = FedProx, {"proximal_mu": config.proximal_mu}
+    base, extra = _base_strategy(config, clients_per_round(config, num_clients))
     mixin = {
         "min_clients": minimum,
         "recorder": recorder,
         "max_update_norm": config.max_update_norm,
+        "clip_update_norm": config.clip_update_norm,
         "all_or_nothing": config.client_dp_enabled,
     }
     if not config.client_dp_enabled:
-        cls = type(f"BudgetAware{base.__name__}", (RoundGuard, base), mixin)
+        cls = type(f"BudgetAware{base.__name__}", (*mixins, RoundGuard, base), mixin)
         return cls(**common, **extra)
     # Flower's accounted wrappers need the inner strategy's own FedAvg aggregation, equally weighted:
     # the budget filter goes around the wrapper instead, and every client reports weight 1. A fraction
@@ -162,7 +192,7 @@ def build_strategy(config: FedaeConfig, recorder: RoundRecorder, num_clients: in
     common["fraction_train"] = 1e-9
     inner = base(**common, **extra, weighted_by_key=UNIT_WEIGHT)
     wrapper = client_dp.wrapper_class(config)
-    cls = type(f"BudgetAware{wrapper.__name__}", (RoundGuard, wrapper), mixin)
+    cls = type(f"BudgetAware{wrapper.__name__}", (*mixins, RoundGuard, wrapper), mixin)
     return cls(inner, **client_dp.wrapper_arguments(config, num_clients))
 
 
@@ -196,6 +226,7 @@ class RoundGuard:
     min_clients: int = 1
     recorder: RoundRecorder | None = None
     max_update_norm: float = 0.0
+    clip_update_norm: float = 0.0  # norm bounding: longer updates are scaled down to this, 0: off
     # Client-level DP calibrates its noise to every sampled client's update: with one left out the
     # round's release would not have the stated guarantee, so nothing is aggregated (as Flower's DP
     # wrappers do with an error reply).
@@ -352,6 +383,11 @@ class RoundGuard:
         if self.recorder is not None:
             self.recorder.record(self.recorder.train, server_round, metrics)
         if check.accepted:
+            if self.clip_update_norm > 0 and check.norm is not None and check.norm > self.clip_update_norm:
+                clipped = clip_update(self._sent_arrays, returned, check.norm, self.clip_update_norm)
+                reply.content["arrays"] = _like_keys(reply.content["arrays"], clipped)
+                if self.recorder is not None:
+                    self.recorder.clipped[server_round].append(client)
             return True
         logger.warning(
             "round %d: client %d's update rejected (node %d): %s",
@@ -378,6 +414,11 @@ def _like(arrays: ArrayRecord, sent: list[np.ndarray]) -> ArrayRecord:
             for (key, a), ref in zip(arrays.items(), sent, strict=True)
         }
     )
+
+
+def _like_keys(record: ArrayRecord, arrays: list[np.ndarray]) -> ArrayRecord:
+    """``arrays`` under ``record``'s keys, in its order."""
+    return ArrayRecord({key: Array(a) for key, a in zip(record.keys(), arrays, strict=True)})
 
 
 def client_ids(reasons: Iterable[str]) -> list[int]:

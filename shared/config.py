@@ -16,11 +16,12 @@ from typing import Any
 SCENARIOS = ("fleet", "digits", "wdbc", "mnist", "files")
 MODELS = ("dense", "conv", "vae")
 ACTIVATIONS = ("relu", "elu", "gelu", "tanh")
-STRATEGIES = ("fedavg", "fedadam", "fedprox")
-SECURE_AGGREGATION = ("none", "secagg+")
 # Aggregation rules that look at each client's update (coordinate-wise median, trimming, distances between
-# updates): none is in STRATEGIES yet, and SecAgg+ must keep refusing them when one is added.
+# updates, Flower's robust strategies): SecAgg+ shows the server only the sum, so it refuses them.
 NEEDS_INDIVIDUAL_UPDATES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+STRATEGIES = ("fedavg", "fedadam", "fedprox", *NEEDS_INDIVIDUAL_UPDATES)
+SECURE_AGGREGATION = ("none", "secagg+")
+ATTACKS = ("none", "sign-flip", "scale", "noise", "backdoor", "alie")  # shared.attacks.poisoning.ATTACKS
 ACCOUNTANTS = ("rdp", "pld")
 THRESHOLD_RULES = ("percentile", "mean-k-sigma")
 PARTITIONS = ("natural", "iid", "dirichlet")
@@ -55,6 +56,16 @@ class FedaeConfig:
     # the model it was sent, as well as any with the wrong shapes or dtypes or a non-finite value
     # (shared/updates.py); 0: shapes and finite values only.
     max_update_norm: float = 0.0
+    # Norm bounding (Sun et al. 2019): the server scales every update longer than this (L2, over all
+    # weights) down to it before aggregating, so no client moves the mean by more than its share of it;
+    # 0: off. Unlike max-update-norm it keeps the client's direction rather than dropping the client.
+    clip_update_norm: float = 0.0
+    # Robust rules (strategy): FedTrimmedAvg drops this fraction of the values at each end of every
+    # coordinate; Krum, MultiKrum and Bulyan assume at most num-malicious-nodes attackers per round;
+    # MultiKrum averages the multikrum-select best-scored updates (0: sampled clients - num-malicious-nodes).
+    trim_beta: float = 0.2
+    num_malicious_nodes: int = 1
+    multikrum_select: int = 0
     # Secure aggregation (docs/PRIVACY.md): "secagg+" runs Flower's SecAgg+, so the server learns only the
     # weighted sum of the clients' models. Each client's mask secrets are split into num-shares shares
     # (itself and num-shares - 1 neighbours: a fixed integer, so the privacy and dropout figures do not
@@ -110,6 +121,15 @@ class FedaeConfig:
     robustness_l2_epsilons: str = "0.25,0.5,1.0"
     robustness_rows: int = 400
     robustness_queries: int = 500
+    # Poisoning, simulations only (shared/attacks/poisoning.py): attack-fraction of the clients (a seeded
+    # choice) run this attack; attack-scale multiplies a sign-flip, scale or backdoor update; noise sends
+    # N(0, attack-noise-std^2) per weight; alie shifts by attack-alie-z standard deviations (0: Baruch et
+    # al.'s z_max for the round's sample).
+    attack: str = "none"
+    attack_fraction: float = 0.0
+    attack_scale: float = 10.0
+    attack_noise_std: float = 0.1
+    attack_alie_z: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -191,6 +211,7 @@ class FedaeConfig:
         _choice("partition", self.partition, PARTITIONS)
         _choice("sampling", self.sampling, SAMPLINGS)
         _choice("client-dp", self.client_dp, CLIENT_DP)
+        _choice("attack", self.attack, ATTACKS)
         for name in (
             "num_server_rounds",
             "latent_dim",
@@ -234,6 +255,11 @@ class FedaeConfig:
             "denoise_stddev",
             "proximal_mu",
             "max_update_norm",
+            "clip_update_norm",
+            "num_malicious_nodes",
+            "multikrum_select",
+            "attack_noise_std",
+            "attack_alie_z",
             "threshold_k",
             "target_epsilon",
         ):
@@ -270,6 +296,17 @@ class FedaeConfig:
         if self.model == "conv" and self.scenario in ("fleet", "wdbc"):
             raise ConfigError(f"model 'conv' needs image data; scenario {self.scenario!r} is tabular")
         self.normal_class_list  # noqa: B018 - validates the list syntax
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"trim-beta must be in [0, 0.5), got {self.trim_beta}")
+        if not (self.attack_scale > 0 and math.isfinite(self.attack_scale)):
+            raise ConfigError(f"attack-scale must be a positive number, got {self.attack_scale}")
+        if not 0.0 <= self.attack_fraction < 1.0:
+            raise ConfigError(f"attack-fraction must be in [0, 1), got {self.attack_fraction}")
+        if (self.attack == "none") != (self.attack_fraction == 0):
+            raise ConfigError(
+                f"attack {self.attack!r} with attack-fraction {self.attack_fraction:g}: set both (an attack "
+                "and the fraction of clients that run it) or neither"
+            )
         if self.robustness_rows < 0 or self.robustness_queries < 0:
             raise ConfigError(
                 f"robustness-rows and robustness-queries must be >= 0, got {self.robustness_rows} and "
@@ -410,11 +447,12 @@ def _client_dp_rule(config: Any, num_clients: int | None) -> list[str]:
             "add the update noise at the next round's clipping norm and aggregate rounds with missing "
             "replies, so their client-level epsilon cannot be stated; use server-fixed or client-fixed"
         )
-    if config.strategy == "fedadam":
+    if config.strategy not in ("fedavg", "fedprox"):
         problems.append(
-            "client-dp needs FedAvg-style aggregation (strategy fedavg or fedprox): Flower's "
-            "client-level accountant covers only a plain, uniformly weighted mean of clipped "
-            "updates, and FedAdam replaces that mean with its own server optimiser step"
+            f"client-dp needs FedAvg-style aggregation (strategy fedavg or fedprox), got "
+            f"{config.strategy!r}: Flower's client-level accountant covers only a plain, uniformly "
+            "weighted mean of clipped updates, which a server optimiser step (FedAdam) or a robust rule "
+            "(median, trimming, Krum, Bulyan) replaces"
         )
     if config.client_dp_noise_multiplier <= 0:
         problems.append(
@@ -424,11 +462,64 @@ def _client_dp_rule(config: Any, num_clients: int | None) -> list[str]:
     return problems
 
 
+def _robust_rule(config: Any, num_clients: int | None) -> list[str]:
+    """What Flower's Krum, MultiKrum and Bulyan need from the round's sample: their guarantees hold for
+    at most num-malicious-nodes attackers among n sampled clients when n > 2f + 2 (Krum) or n >= 4f + 3
+    (Bulyan); below that Flower's Bulyan aggregates nothing and Krum's scores mean nothing."""
+    if config.strategy not in ("krum", "multikrum", "bulyan") or num_clients is None:
+        return []
+    n, f = clients_per_round(config, num_clients), config.num_malicious_nodes
+    if config.strategy == "bulyan" and n < 4 * f + 3:
+        return [
+            f"strategy 'bulyan' with num-malicious-nodes {f} needs at least {4 * f + 3} clients per round "
+            f"(4f + 3), and samples {n}; add clients or lower num-malicious-nodes"
+        ]
+    if n <= 2 * f + 2:
+        return [
+            f"strategy {config.strategy!r} with num-malicious-nodes {f} needs more than {2 * f + 2} clients "
+            f"per round (2f + 2), and samples {n}; add clients or lower num-malicious-nodes"
+        ]
+    if config.strategy == "multikrum" and config.multikrum_select > n - f:
+        return [
+            f"multikrum-select {config.multikrum_select} is more than the {n - f} clients per round that "
+            f"are not assumed malicious ({n} sampled, num-malicious-nodes {f})"
+        ]
+    return []
+
+
+def _attack_rule(config: Any, num_clients: int | None) -> list[str]:
+    """Poisoning is a simulation harness: what each attack needs to be what its name says."""
+    problems = []
+    if config.attack == "alie":
+        if config.secure_aggregation != "none":
+            problems.append(
+                "attack 'alie' needs the colluders' updates in the clear where their replies meet; "
+                "secure-aggregation hides them"
+            )
+        if num_clients is not None:
+            from shared.attacks.poisoning import malicious_clients
+
+            count = len(malicious_clients(num_clients, config.attack_fraction, config.seed))
+            if count < 2:
+                problems.append(
+                    f"attack 'alie' needs at least two colluding clients to estimate a spread; "
+                    f"attack-fraction {config.attack_fraction:g} of {num_clients} clients gives {count}"
+                )
+    if config.attack != "none" and config.deployed_files:
+        problems.append(
+            f"attack {config.attack!r} is a simulation harness (fedae simulate); deployed sites run their "
+            "own code"
+        )
+    return problems
+
+
 COMBINATION_RULES: tuple[Callable[[Any, int | None], list[str]], ...] = (
     _secagg_parameters,
     _secagg_aggregation_rule,
     _secagg_client_level_dp,
     _client_dp_rule,
+    _robust_rule,
+    _attack_rule,
 )
 
 

@@ -163,6 +163,36 @@ def _robustness(setup: RunSetup, trainer: Any, scorer: ResidualScorer, threshold
         return {"enabled": False, "reason": f"the evaluation failed: {type(err).__name__}: {err}"}
 
 
+def poisoning_section(
+    setup: RunSetup, model: Any, spec: Any, scorer: ResidualScorer, threshold: float
+) -> dict[str, Any]:
+    """Which clients a simulated poisoning attack ran on and, for a backdoor, how many triggered test
+    anomalies the exported detector misses (shared/attacks/poisoning.py)."""
+    config = setup.config
+    if config.attack == "none":
+        return {"attack": "none"}
+    from shared.attacks import poisoning
+
+    section: dict[str, Any] = {
+        "attack": config.attack,
+        "fraction": config.attack_fraction,
+        "malicious_clients": sorted(
+            poisoning.malicious_clients(setup.num_clients, config.attack_fraction, config.seed)
+        ),
+        "scale": config.attack_scale if config.attack in ("sign-flip", "scale", "backdoor") else None,
+        "noise_std": config.attack_noise_std if config.attack == "noise" else None,
+        "alie_z": (config.attack_alie_z or "z_max per round") if config.attack == "alie" else None,
+    }
+    if config.attack == "backdoor":
+        trigger = poisoning.make_trigger(
+            setup.spec.kind, setup.spec.input_shape, setup.scaler.model_input_shape, config.seed
+        )
+        anomalies = setup.scaler.transform(setup.data.x_test[setup.data.y_test == 1])
+        scores = scorer.score(residuals(model, spec, trigger.stamp(anomalies)))
+        section["backdoor_success_rate"] = poisoning.backdoor_success_rate(scores, threshold)
+    return section
+
+
 def comparison(setup: RunSetup, federated_auc: float) -> dict[str, float]:
     """Federated model vs the same AE trained centrally without DP vs IsolationForest, same test split."""
     from shared.baselines import central_autoencoder_auc, isolation_forest_auc
@@ -282,6 +312,7 @@ def finish(
             "test_anomaly_rows": int(setup.data.y_test.sum()),
         },
         "robustness": robustness_section,
+        "poisoning": poisoning_section(setup, trainer.model, spec, scorer, threshold),
         "comparison": comparison(setup, detector_metrics["test_auc"]) if compare else {},
         "bundle": "bundle",
         "run_config": config.to_run_config(),

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from shared import faults, privacy
+from shared.attacks import poisoning
 from shared.config import FedaeConfig
 from shared.data.errors import TrainingDataError
-from shared.data.sources import ClientData, DataSpec, load_client_data, load_site_file
+from shared.data.sources import ClientData, DataSpec, load_client_data, load_site_file, num_clients_for
 from shared.ledger import LedgerEvent, PrivacyLedger, dataset_fingerprint
 from shared.models import ModelSpec
 from shared.preprocess import Scaler
@@ -203,6 +204,7 @@ def train_client(
     in the ledger (all rounds of all runs that used it), not this round alone.
     """
     data = client_data(config, client_id, site)
+    received_weights = weights
     received = weights_digest(weights) if config.dp_enabled else ""  # what a kept update is keyed by
     if received and (kept := _kept_reply(config, ledger, run_id, server_round, received)) is not None:
         return kept
@@ -256,6 +258,11 @@ def train_client(
     trainer.set_weights(weights)
     mu = config.proximal_mu if config.strategy == "fedprox" else 0.0
     x_train = scaler.transform(data.x_train)
+    attack = _attack(config, client_id)
+    rng = np.random.default_rng([config.seed, client_id, server_round, 0xA77])
+    if attack == "backdoor":
+        trigger = poisoning.make_trigger(spec.kind, spec.input_shape, scaler.model_input_shape, config.seed)
+        x_train = poisoning.backdoor_rows(x_train, trigger, spec.kind, rng)
     fit_started = time.perf_counter()
     result = trainer.fit(x_train, epochs=config.local_epochs, noise_multiplier=sigma, proximal_mu=mu)
     fit_seconds = time.perf_counter() - fit_started
@@ -269,9 +276,25 @@ def train_client(
         epsilon = privacy.cumulative_epsilon([*history, event], config.delta, config.accountant)
     faults.fault_point("trained", client_id)
     weights = faults.faulty_weights(trainer.get_weights(), client_id)
+    if attack in poisoning.CLIENT_SIDE:
+        weights = poisoning.poison_update(
+            attack, received_weights, weights, config.attack_scale, config.attack_noise_std, rng
+        )
+        logger.info(
+            "round %d: client %d sends a %s update (simulated attack)", server_round, client_id, attack
+        )
     if charged is not None:
         _keep(ledger, run_id, server_round, received, weights, result.num_examples, result.loss)
     return TrainOutcome(weights, result.num_examples, result.loss, event, epsilon, fit_seconds)
+
+
+def _attack(config: FedaeConfig, client_id: int) -> str:
+    """The simulated attack this client runs ("none" for an honest one): attack-fraction of the clients,
+    the same seeded choice on every side (shared.attacks.poisoning)."""
+    if config.attack == "none":
+        return "none"
+    chosen = poisoning.malicious_clients(num_clients_for(config), config.attack_fraction, config.seed)
+    return config.attack if client_id in chosen else "none"
 
 
 def _kept_reply(

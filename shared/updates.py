@@ -53,3 +53,19 @@ def check_update(
     if max_norm > 0 and norm > max_norm:
         return UpdateCheck(f"update norm {norm:.4g} is above max-update-norm {max_norm:g}", norm)
     return UpdateCheck(None, norm)
+
+
+def clip_update(
+    global_weights: Sequence[np.ndarray], update: Sequence[np.ndarray], norm: float, bound: float
+) -> list[np.ndarray]:
+    """``update`` moved back towards ``global_weights`` so that its distance from them (``norm``, as
+    ``check_update`` measured it) is ``bound``; in the update's own dtypes."""
+    if not (bound > 0 and norm > 0):
+        raise ValueError(f"bound and norm must be positive, got {bound} and {norm}")
+    factor = min(1.0, bound / norm)
+    return [
+        (sent.astype(np.float64) + factor * (returned.astype(np.float64) - sent.astype(np.float64))).astype(
+            returned.dtype
+        )
+        for sent, returned in zip(global_weights, update, strict=True)
+    ]

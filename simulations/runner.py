@@ -95,6 +95,7 @@ def simulate(
     from client.app import app as client_app
     from server.app import build_server_app
     from shared.pipeline import default_out_dir
+    from simulations.adversary import adversary_mixins
 
     if not verbose:
         # fedae prints its own progress line per round; Flower's per-round lines and its deprecation
@@ -128,7 +129,9 @@ def simulate(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(
-            server_app=build_server_app(config, compare_baselines=compare_baselines),
+            server_app=build_server_app(
+                config, compare_baselines=compare_baselines, mixins=adversary_mixins(config, num_clients)
+            ),
             client_app=client_app,
             num_supernodes=num_clients,
             backend_config=backend_config(cpus, gpus),

@@ -1,0 +1,67 @@
+"""The colluding adversary of a simulated "A Little Is Enough" attack (shared/attacks/poisoning.py).
+
+The colluders (``attack-fraction`` of the clients) train honestly and pool their updates over a channel
+of their own; each then sends the same crafted model. In a simulation their replies meet where the
+server receives them, so this strategy mixin stands for that channel: it goes first in the strategy's
+bases (``server.strategy.build_strategy(mixins=...)``) and rewrites the colluders' replies before the
+server's checks and aggregation see them. It uses only what the colluders hold: their own honest updates
+and the global model they were all sent, never an honest client's update.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
+
+from shared.attacks import poisoning
+from shared.config import FedaeConfig
+
+logger = logging.getLogger("fedae.simulations")
+
+
+class ColludingAdversary:
+    """Strategy mixin: replace the colluders' replies with ``poisoning.alie_update`` of their own."""
+
+    colluders: frozenset[int] = frozenset()
+    alie_z: float = 0.0  # 0: Baruch et al.'s z_max for the round's sample
+    _sent_arrays: list[np.ndarray]  # the round's global model, kept by server.strategy.RoundGuard
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[object, object]:
+        replies = list(replies)
+        ours = [r for r in replies if not r.has_error() and _client(r) in self.colluders]
+        if len(ours) >= 2:
+            honest = [r.content["arrays"].to_numpy_ndarrays() for r in ours]
+            z = self.alie_z or poisoning.alie_z(len(replies), len(ours))
+            crafted = poisoning.alie_update(self._sent_arrays, honest, z)
+            for reply in ours:
+                keys = list(reply.content["arrays"].keys())
+                reply.content["arrays"] = ArrayRecord(
+                    {key: Array(a) for key, a in zip(keys, crafted, strict=True)}
+                )
+            logger.info(
+                "round %d: %d colluding clients send one 'a little is enough' model (z = %.3f)",
+                server_round,
+                len(ours),
+                z,
+            )
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+
+
+def _client(reply: Message) -> int | None:
+    try:
+        return int(reply.content["metrics"]["client-id"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def adversary_mixins(config: FedaeConfig, num_clients: int) -> tuple[type, ...]:
+    """The strategy mixins a simulated run with ``config``'s attack needs (none for client-side ones)."""
+    if config.attack != "alie":
+        return ()
+    colluders = poisoning.malicious_clients(num_clients, config.attack_fraction, config.seed)
+    return (
+        type("Colluders", (ColludingAdversary,), {"colluders": colluders, "alie_z": config.attack_alie_z}),
+    )
