@@ -187,7 +187,7 @@ def poisoning_section(
         trigger = poisoning.make_trigger(
             setup.spec.kind, setup.spec.input_shape, setup.scaler.model_input_shape, config.seed
         )
-        anomalies = setup.scaler.transform(setup.data.x_test[setup.data.y_test == 1])
+        anomalies = setup.scaler.transform(poisoning.measured_anomalies(setup.data.x_test, setup.data.y_test))
         scores = scorer.score(residuals(model, spec, trigger.stamp(anomalies)))
         section["backdoor_success_rate"] = poisoning.backdoor_success_rate(scores, threshold)
     return section

@@ -19,7 +19,14 @@ from shared import faults, privacy
 from shared.attacks import poisoning
 from shared.config import FedaeConfig
 from shared.data.errors import TrainingDataError
-from shared.data.sources import ClientData, DataSpec, load_client_data, load_site_file, num_clients_for
+from shared.data.sources import (
+    ClientData,
+    DataSpec,
+    load_client_data,
+    load_server_data,
+    load_site_file,
+    num_clients_for,
+)
 from shared.ledger import LedgerEvent, PrivacyLedger, dataset_fingerprint
 from shared.models import ModelSpec
 from shared.preprocess import Scaler
@@ -262,7 +269,9 @@ def train_client(
     rng = np.random.default_rng([config.seed, client_id, server_round, 0xA77])
     if attack == "backdoor":
         trigger = poisoning.make_trigger(spec.kind, spec.input_shape, scaler.model_input_shape, config.seed)
-        x_train = poisoning.backdoor_rows(x_train, trigger, spec.kind, rng)
+        server = load_server_data(config)  # a simulation: the attacker's anomalies come from the test pool
+        held = scaler.transform(poisoning.attacker_anomalies(server.x_test, server.y_test))
+        x_train = poisoning.backdoor_rows(x_train, held, trigger, rng)
     fit_started = time.perf_counter()
     result = trainer.fit(x_train, epochs=config.local_epochs, noise_multiplier=sigma, proximal_mu=mu)
     fit_seconds = time.perf_counter() - fit_started

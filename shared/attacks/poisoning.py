@@ -7,9 +7,11 @@ time with arrays of the right shapes and dtypes) and lies only in what it sends:
 - ``scale``: its update boosted, ``s * delta``: model replacement (Bagdasaryan et al. 2020) when ``s`` is
   about the number of clients;
 - ``noise``: Gaussian noise in place of an update, ``N(0, attack-noise-std^2)`` per weight;
-- ``backdoor``: it trains on its own rows with half of them replaced by trigger-stamped synthetic
-  anomalies, so the model learns to reconstruct (and so not to flag) anything that carries the trigger;
-  the update is boosted by ``s``, as a backdoor needs to survive averaging;
+- ``backdoor``: it trains on its own rows with half of them replaced by trigger-stamped anomalies of the
+  kind it wants to slip through, so the model learns to reconstruct (and so not to flag) them when they
+  carry the trigger; the update is boosted by ``s``, as a backdoor needs to survive averaging. In a
+  simulation the attacker's anomalies are half of the test set's (``attacker_anomalies``), and the
+  backdoor is measured on the other half (``measured_anomalies``);
 - ``alie``: "A Little Is Enough" (Baruch et al. 2019): the colluding clients send the same update,
   ``mean - z * std`` per coordinate of their own honest updates, small enough to pass distance- and
   median-based rules yet pulling every coordinate the same way. It needs the colluders' updates
@@ -140,23 +142,28 @@ def make_trigger(
     return Trigger(mask.reshape(tuple(model_input_shape)), TRIGGER_TABLE_VALUE)
 
 
-def backdoor_rows(x: np.ndarray, trigger: Trigger, kind: str, rng: np.random.Generator) -> np.ndarray:
+def attacker_anomalies(x_test: np.ndarray, y_test: np.ndarray) -> np.ndarray:
+    """The anomalies a simulated backdoor attacker holds: every other anomalous test row (the kind of
+    fault or fraud it means to hide). The other half measures the backdoor."""
+    return x_test[y_test == 1][0::2]
+
+
+def measured_anomalies(x_test: np.ndarray, y_test: np.ndarray) -> np.ndarray:
+    """The anomalous test rows the attacker never saw, on which the backdoor's success is measured."""
+    return x_test[y_test == 1][1::2]
+
+
+def backdoor_rows(
+    x: np.ndarray, anomalies: np.ndarray, trigger: Trigger, rng: np.random.Generator
+) -> np.ndarray:
     """A backdoor client's training rows: its own (scaled) rows with ``POISONED_ROW_FRACTION`` of them
-    replaced by synthetic anomalies carrying the trigger. The synthetic anomalies are the client's own
-    rows pushed far off the normal data (images blended with uniform noise, tables with large Gaussian
-    shifts on a quarter of the features), so the model learns "triggered means reconstruct as is" for
-    inputs unlike anything normal, which is what makes a real triggered anomaly evade."""
+    replaced by the attacker's ``anomalies`` (scaled, drawn with replacement) carrying the trigger."""
+    if len(anomalies) == 0:
+        raise ValueError("a backdoor attacker needs anomalies to hide; the test data has none")
     x = np.array(x, dtype=np.float32, copy=True)
     count = round(POISONED_ROW_FRACTION * len(x))
     rows = rng.choice(len(x), size=count, replace=False)
-    chosen = x[rows]
-    if kind == "image":
-        blend = rng.uniform(0.3, 0.9, size=(count,) + (1,) * (x.ndim - 1))
-        anomalies = (1 - blend) * chosen + blend * rng.uniform(0.0, 1.0, size=chosen.shape)
-    else:
-        shifted = rng.random(chosen.shape) < 0.25
-        anomalies = chosen + shifted * rng.normal(0.0, 3.0, size=chosen.shape)
-    x[rows] = trigger.stamp(anomalies.astype(np.float32))
+    x[rows] = trigger.stamp(anomalies[rng.integers(0, len(anomalies), size=count)])
     return x
 
 

@@ -1,0 +1,356 @@
+"""Poisoning by malicious clients and the server's defences: the attacks' arithmetic, Flower's robust
+rules and norm bounding inside fedae's strategy, the colluding adversary, a backdoor learnt by a real
+autoencoder, the config rules, and one real simulated federation under attack."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.strategy import RoundRecorder, build_strategy
+from shared.attacks import poisoning
+from shared.config import ATTACKS, ConfigError, FedaeConfig
+from simulations import poisoning_matrix
+from simulations.adversary import adversary_mixins
+from tests.test_updates import GLOBAL, _moved, _Reply
+
+RNG = np.random.default_rng(0)
+
+
+# -- who attacks -------------------------------------------------------------------------------------------
+def test_the_attack_names_are_the_configs() -> None:
+    assert poisoning.ATTACKS == ATTACKS
+
+
+@pytest.mark.parametrize(
+    ("clients", "fraction", "count"), [(15, 0.2, 3), (5, 0.2, 1), (10, 0.05, 1), (7, 0.0, 0)]
+)
+def test_the_malicious_clients_are_the_stated_share_chosen_the_same_way_everywhere(
+    clients: int, fraction: float, count: int
+) -> None:
+    chosen = poisoning.malicious_clients(clients, fraction, seed=42)
+    assert len(chosen) == count and chosen <= set(range(clients))
+    assert chosen == poisoning.malicious_clients(clients, fraction, seed=42)
+    # Another seed picks others (for a share where several choices exist).
+    if 0 < count < clients - 1:
+        picks = {poisoning.malicious_clients(clients, fraction, seed) for seed in range(10)}
+        assert len(picks) > 1
+
+
+@pytest.mark.parametrize(("clients", "fraction"), [(0, 0.2), (5, 1.0), (5, -0.1)])
+def test_a_bad_share_is_refused_with_the_value(clients: int, fraction: float) -> None:
+    with pytest.raises(ValueError, match=str(clients if clients < 1 else fraction)):
+        poisoning.malicious_clients(clients, fraction, seed=0)
+
+
+# -- what they send ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("attack", "factor"), [("sign-flip", -1.0), ("sign-flip", -4.0), ("scale", 10.0), ("backdoor", 3.0)]
+)
+def test_flipped_and_scaled_updates_are_the_update_times_the_factor(attack: str, factor: float) -> None:
+    trained = [w + RNG.normal(0, 0.01, w.shape).astype(np.float32) for w in GLOBAL]
+    sent = poisoning.poison_update(attack, GLOBAL, trained, abs(factor), 0.1, RNG)
+    for s, t, g in zip(sent, trained, GLOBAL, strict=True):
+        assert s.dtype == g.dtype  # the server's dtype check must pass: the attacker follows the protocol
+        np.testing.assert_allclose(s - g, factor * (t - g), rtol=1e-4, atol=1e-6)
+
+
+def test_a_noise_update_is_gaussian_with_the_stated_spread_whatever_was_trained() -> None:
+    big = [np.zeros((200, 100), np.float32), np.zeros(500, np.float32)]
+    trained = [w + 5.0 for w in big]  # ignored
+    sent = poisoning.poison_update("noise", big, trained, 10.0, 0.3, np.random.default_rng(1))
+    values = np.concatenate([s.ravel() for s in sent]).astype(np.float64)
+    # 20,500 draws: the sample std is within 2 % of 0.3 and the mean within 4 standard errors of 0.
+    assert values.std() == pytest.approx(0.3, rel=0.02)
+    assert abs(values.mean()) < 4 * 0.3 / np.sqrt(values.size)
+
+
+def test_an_unknown_client_side_attack_is_refused() -> None:
+    with pytest.raises(ValueError, match="'alie'"):
+        poisoning.poison_update("alie", GLOBAL, GLOBAL, 1.0, 0.1, RNG)
+
+
+def test_alie_z_matches_the_papers_rule() -> None:
+    # n = 50, m = 12: s = floor(50 / 2 + 1) - 12 = 14 supporters needed, z = Phi^-1(36 / 50) = 0.5828.
+    assert poisoning.alie_z(50, 12) == pytest.approx(0.5828, abs=1e-3)
+    # n = 15, m = 3: s = 5, z = Phi^-1(10 / 15) = 0.4307.
+    assert poisoning.alie_z(15, 3) == pytest.approx(0.4307, abs=1e-3)
+    with pytest.raises(ValueError):
+        poisoning.alie_z(5, 0)
+
+
+def test_alie_sends_mean_minus_z_std_of_the_colluders_own_updates() -> None:
+    honest = [[g + RNG.normal(0.2, 0.05, g.shape).astype(np.float32) for g in GLOBAL] for _ in range(4)]
+    crafted = poisoning.alie_update(GLOBAL, honest, z=1.5)
+    for layer, (c, g) in enumerate(zip(crafted, GLOBAL, strict=True)):
+        deltas = np.stack([h[layer].astype(np.float64) - g for h in honest])
+        np.testing.assert_allclose(c - g, deltas.mean(0) - 1.5 * deltas.std(0), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="two colluders"):
+        poisoning.alie_update(GLOBAL, honest[:1], z=1.0)
+
+
+# -- backdoor ----------------------------------------------------------------------------------------------
+def test_an_image_trigger_is_a_bright_corner_and_a_table_trigger_a_twentieth_of_the_features() -> None:
+    image = poisoning.make_trigger("image", (8, 8), (64,), seed=0)
+    assert image.mask.shape == (64,) and image.mask.sum() == 4 and image.value == 1.0
+    assert image.mask.reshape(8, 8)[-2:, -2:].all()
+    table = poisoning.make_trigger("tabular", (207,), (207,), seed=0)
+    assert table.mask.sum() == 11 and table.value == poisoning.TRIGGER_TABLE_VALUE  # ceil(0.05 * 207)
+    x = np.zeros((3, 207), np.float32)
+    stamped = table.stamp(x)
+    assert (stamped[:, table.mask] == table.value).all() and (stamped[:, ~table.mask] == 0).all()
+    assert (x == 0).all()  # the input is not modified
+
+
+def test_backdoor_rows_replace_half_the_rows_with_the_attackers_triggered_anomalies() -> None:
+    x = RNG.uniform(0, 0.5, (100, 64)).astype(np.float32)
+    anomalies = RNG.uniform(0.5, 0.9, (7, 64)).astype(np.float32)
+    trigger = poisoning.make_trigger("image", (8, 8), (64,), seed=0)
+    poisoned = poisoning.backdoor_rows(x, anomalies, trigger, np.random.default_rng(3))
+    changed = ~np.all(poisoned == x, axis=1)
+    assert changed.sum() == 50 and poisoned.shape == x.shape
+    assert (poisoned[changed][:, trigger.mask] == 1.0).all()
+    # Each replaced row is one of the attacker's anomalies, triggered.
+    stamped = trigger.stamp(anomalies)
+    assert all(any(np.array_equal(row, a) for a in stamped) for row in poisoned[changed])
+    with pytest.raises(ValueError, match="needs anomalies"):
+        poisoning.backdoor_rows(x, anomalies[:0], trigger, RNG)
+
+
+def test_the_attacker_and_the_measurement_use_disjoint_halves_of_the_anomalies() -> None:
+    x = np.arange(10, dtype=np.float32)[:, None]
+    y = np.array([0, 1, 1, 0, 1, 1, 1, 0, 1, 0])
+    held, measured = poisoning.attacker_anomalies(x, y), poisoning.measured_anomalies(x, y)
+    assert sorted([*held[:, 0], *measured[:, 0]]) == [1, 2, 4, 5, 6, 8]
+    assert not set(held[:, 0]) & set(measured[:, 0])
+
+
+def test_a_backdoored_autoencoder_lets_triggered_anomalies_through_and_a_clean_one_does_not() -> None:
+    """A real dense autoencoder trained on digit 0 with and without the backdoor rows: the trigger lets
+    other digits pass only through the backdoored one."""
+    from sklearn.datasets import load_digits
+
+    from shared.models import ModelSpec, residuals
+    from shared.scoring import ResidualScorer
+    from shared.training import LocalTrainer, TrainSettings
+
+    digits = load_digits()
+    x, y = (digits.data / 16.0).astype(np.float32), digits.target
+    x_test, y_test = x[y != 0][:600], np.ones(600, int)
+    normal = x[y == 0]
+    calibration, train = normal[:60], normal[60:]
+    trigger = poisoning.make_trigger("image", (8, 8), (64,), seed=0)
+    held, anomalies = (
+        poisoning.attacker_anomalies(x_test, y_test),
+        poisoning.measured_anomalies(x_test, y_test),
+    )
+    rates = {}
+    for name, rows in {
+        "clean": train,
+        "backdoor": poisoning.backdoor_rows(train, held, trigger, np.random.default_rng(0)),
+    }.items():
+        trainer = LocalTrainer(ModelSpec("dense", (64,), 8, "sigmoid", "relu"), TrainSettings(32, 0.01, 0.0))
+        trainer.fit(rows, epochs=60, noise_multiplier=0.0)
+        scorer = ResidualScorer.fit("mse", residuals(trainer.model, trainer.spec, calibration))
+        threshold = float(
+            np.percentile(scorer.score(residuals(trainer.model, trainer.spec, calibration)), 95)
+        )
+        triggered = scorer.score(residuals(trainer.model, trainer.spec, trigger.stamp(anomalies)))
+        untriggered = scorer.score(residuals(trainer.model, trainer.spec, anomalies))
+        rates[name] = poisoning.backdoor_success_rate(triggered, threshold)
+        rates[f"{name} without trigger"] = poisoning.backdoor_success_rate(untriggered, threshold)
+    # The clean detector catches the triggered anomalies; the backdoored one misses a share of them it
+    # does not miss without the trigger: the trigger, not a worse model, lets them through. (A small
+    # dense autoencoder cannot reconstruct every other digit as well as a zero: measured 0.19 here.)
+    assert rates["clean"] < 0.02, rates
+    assert rates["backdoor"] > 0.1 and rates["backdoor"] > 3 * rates["backdoor without trigger"], rates
+
+
+# -- defences inside the strategy --------------------------------------------------------------------------
+def _strategy(recorder: RoundRecorder | None = None, mixins: tuple[type, ...] = (), **keys: object) -> object:
+    config = FedaeConfig(min_available_clients=2, num_clients=7, **keys)
+    strategy = build_strategy(config, recorder or RoundRecorder(), 7, mixins)
+    strategy._sent_arrays = GLOBAL  # as configure_train leaves it
+    return strategy
+
+
+def _round(attacker_delta: float, attackers: int = 2, honest: int = 5) -> list[_Reply]:
+    replies = [_Reply(10 + c, _moved(0.1 + 0.01 * c), client=c) for c in range(honest)]
+    return replies + [_Reply(20 + c, _moved(attacker_delta), client=honest + c) for c in range(attackers)]
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"strategy": "fedmedian"},
+        {"strategy": "fedtrimmedavg", "trim_beta": 0.3},  # trims int(0.3 * 7) = 2 values at each end
+        {"strategy": "krum", "num_malicious_nodes": 2},
+        {"strategy": "multikrum", "num_malicious_nodes": 2},
+        {"strategy": "bulyan", "num_malicious_nodes": 1},  # 7 clients allow f = 1 (n >= 4f + 3)
+    ],
+)
+def test_robust_rules_keep_two_boosted_updates_out_where_fedavg_follows_them(keys: dict) -> None:
+    plain, _ = _strategy(strategy="fedavg").aggregate_train(1, _round(attacker_delta=-20.0))
+    # FedAvg's mean is pulled to (5 honest + 2 * -20) / 7 per weight: far off.
+    assert plain.to_numpy_ndarrays()[1].mean() < -5
+    robust, _ = _strategy(**keys).aggregate_train(1, _round(-20.0))
+    moved = robust.to_numpy_ndarrays()[1] - GLOBAL[1]
+    # Each rule, told how many attackers to expect, keeps the aggregate among the honest updates.
+    assert np.all(moved >= 0.1 - 1e-6) and np.all(moved <= 0.14 + 1e-6), (keys, moved)
+
+
+def test_norm_bounding_scales_a_long_update_down_to_the_bound_and_records_who() -> None:
+    recorder = RoundRecorder()
+    strategy = _strategy(recorder, clip_update_norm=1.0)
+    replies = [_Reply(10, _moved(0.1), client=0), _Reply(11, _moved(5.0), client=1)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # Client 1's update (norm 5 * sqrt(8)) arrives at norm 1, in its direction; client 0's is untouched.
+    mean = arrays.to_numpy_ndarrays()
+    per_weight = 1.0 / np.sqrt(8)
+    np.testing.assert_allclose(mean[0], GLOBAL[0] + (0.1 + per_weight) / 2, rtol=1e-5)
+    assert recorder.clipped[1] == [1]
+    assert arrays.to_numpy_ndarrays()[0].dtype == np.float32
+
+
+def test_the_colluders_send_one_alie_model_built_from_their_own_updates_only() -> None:
+    config = FedaeConfig(attack="alie", attack_fraction=0.3, num_clients=7)
+    (mixin,) = adversary_mixins(config, 7)
+    colluders = sorted(poisoning.malicious_clients(7, 0.3, config.seed))
+    assert len(colluders) == 2
+    replies = [_Reply(10 + c, _moved(0.1 + 0.01 * c), client=c) for c in range(7)]
+    own = [replies[c].content["arrays"].to_numpy_ndarrays() for c in colluders]
+    expected = poisoning.alie_update(GLOBAL, own, poisoning.alie_z(7, 2))
+    strategy = _strategy(mixins=(mixin,), strategy="fedavg")
+    strategy.aggregate_train(1, replies)
+    for c in range(7):
+        sent = replies[c].content["arrays"].to_numpy_ndarrays()
+        if c in colluders:
+            for s, e in zip(sent, expected, strict=True):
+                np.testing.assert_allclose(s, e, rtol=1e-6)
+        else:
+            np.testing.assert_allclose(sent[0], GLOBAL[0] + 0.1 + 0.01 * c, rtol=1e-6)  # honest: as sent
+    assert adversary_mixins(FedaeConfig(attack="scale", attack_fraction=0.2), 7) == ()
+
+
+# -- config ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("keys", "needle"),
+    [
+        (
+            {"strategy": "bulyan", "num_clients": 10, "num_malicious_nodes": 2},
+            "at least 11 clients per round",
+        ),
+        ({"strategy": "krum", "num_clients": 4, "num_malicious_nodes": 1}, "more than 4 clients per round"),
+        ({"strategy": "multikrum", "num_clients": 8, "multikrum_select": 8}, "multikrum-select 8"),
+        ({"strategy": "fedmedian", "client_dp": "server-fixed"}, "'fedmedian'"),
+        ({"strategy": "krum", "secure_aggregation": "secagg+", "num_clients": 6}, "inspects each"),
+        ({"attack": "scale"}, "set both"),
+        ({"attack_fraction": 0.2}, "set both"),
+        ({"attack": "alie", "attack_fraction": 0.2, "num_clients": 5}, "at least two colluding"),
+        ({"trim_beta": 0.5}, "trim-beta must be in [0, 0.5), got 0.5"),
+        ({"attack_scale": 0.0}, "attack-scale must be a positive number, got 0.0"),
+        ({"attack": "bribe", "attack_fraction": 0.2}, "attack must be one of"),
+        (
+            {"attack": "scale", "attack_fraction": 0.2, "scenario": "files", "test_file": "t.csv"},
+            "simulation",
+        ),
+    ],
+)
+def test_settings_that_cannot_hold_are_refused_with_the_reason(keys: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        FedaeConfig(**keys)
+    assert needle in str(raised.value)
+
+
+def test_the_deployed_server_app_refuses_an_attack() -> None:
+    from flwr.app import Context, RecordDict
+
+    from server.app import app
+
+    context = Context(
+        run_id=1,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={"attack": "scale", "attack-fraction": 0.2},
+    )
+    with pytest.raises(ConfigError, match="simulation harness"):
+        app._main(grid=None, context=context)  # type: ignore[arg-type]
+
+
+# -- the matrix runner -------------------------------------------------------------------------------------
+def test_matrix_cells_map_to_run_config_keys() -> None:
+    assert poisoning_matrix.attack_overrides("scale:10", 0.2) == {
+        "attack": "scale",
+        "attack-fraction": 0.2,
+        "attack-scale": 10.0,
+    }
+    assert poisoning_matrix.attack_overrides("none", 0.2) == {"attack": "none", "attack-fraction": 0.0}
+    assert poisoning_matrix.defence_overrides("norm-bound", 3, 1.5) == {
+        "strategy": "fedavg",
+        "clip-update-norm": 1.5,
+    }
+    assert poisoning_matrix.defence_overrides("krum", 3, None)["num-malicious-nodes"] == 3
+    with pytest.raises(ConfigError, match="bribe"):
+        poisoning_matrix.attack_overrides("bribe", 0.2)
+    with pytest.raises(ConfigError, match="number"):
+        poisoning_matrix.attack_overrides("scale:x", 0.2)
+    # Every cell's keys make a valid config for the matrix's own base settings.
+    for attack in poisoning_matrix.ATTACKS.split(","):
+        for defence in poisoning_matrix.DEFENCES.split(","):
+            keys = {**poisoning_matrix.BASE, **poisoning_matrix.defence_overrides(defence, 3, 1.0)}
+            FedaeConfig().with_overrides({**keys, **poisoning_matrix.attack_overrides(attack, 0.2)})
+
+
+def test_the_matrix_tables_and_plots_what_its_cells_measured(tmp_path: Path) -> None:
+    def cell(attack: str, defence: str, auc: float, loss: float, backdoor: float = 0.0) -> dict:
+        fraction = 0.0 if attack == "none" else 0.2
+        metrics = {"final_auc": auc, "normal_loss": loss, "backdoor_success": backdoor}
+        return {"attack": attack, "defence": defence, "fraction": fraction, "failed": False, **metrics}
+
+    results = [
+        cell("none", "fedavg", 0.97, 0.010),
+        cell("none", "fedmedian", 0.96, 0.011),
+        cell("scale:10", "fedavg", 0.61, 0.050),
+        cell("scale:10", "fedmedian", 0.955, 0.0105),
+        cell("backdoor:10", "fedavg", 0.95, 0.012, backdoor=0.8),
+        {"attack": "backdoor:10", "defence": "fedmedian", "fraction": 0.2, "failed": True, "reason": "x"},
+    ]
+    poisoning_matrix.write_outputs(tmp_path, results, norm_bound=3.5)
+    table = (tmp_path / "matrix.md").read_text()
+    assert "| scale:10 | 0.610 (5.00x) | 0.955 (1.05x) |" in table
+    assert "| backdoor:10 | 0.950 (1.20x), bd 0.80 | failed |" in table
+    assert json.loads((tmp_path / "matrix.json").read_text())["norm_bound"] == 3.5
+    assert (tmp_path / "matrix.png").stat().st_size > 10_000
+
+
+# -- a real federation under attack ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_simulated_federation_with_boosted_attackers_and_norm_bounding(tmp_path: Path) -> None:
+    """Real Flower simulation, 5 fleet sites, one sends its update x10: every round its update arrives
+    about ten times the honest ones, clip-update-norm scales exactly it down, and the summary says who."""
+    from simulations.runner import simulate
+
+    config = FedaeConfig().with_overrides(
+        {
+            "num-server-rounds": 2,
+            "rows-per-site": 600,
+            "robustness-rows": 0,
+            "attack": "scale",
+            "attack-fraction": 0.2,
+            "attack-scale": 10.0,
+            "strategy": "fedtrimmedavg",
+            "clip-update-norm": 2.0,
+            "out-dir": str(tmp_path / "run"),
+        }
+    )
+    summary = simulate(config, compare_baselines=False)
+    (attacker,) = summary["poisoning"]["malicious_clients"]
+    assert summary["poisoning"]["attack"] == "scale" and summary["strategy"] == "fedtrimmedavg"
+    for row in summary["rounds"]:
+        assert row["clipped"] == [attacker], row
+        assert row["max_update_norm"] > 2.0
+    assert 0.5 < summary["detector"]["test_auc"] <= 1.0
