@@ -248,7 +248,38 @@ def _incident_lines(rounds: list[dict[str, Any]]) -> list[str]:
             )
         if row.get("not_aggregated"):
             lines.append(f"- round {row['round']}: nothing aggregated ({row['not_aggregated']})")
+        if row.get("clipped"):
+            clients = ", ".join(str(c) for c in row["clipped"])
+            lines.append(
+                f"- round {row['round']}: update(s) of client(s) {clients} scaled down to clip-update-norm"
+            )
     return ["", "Incidents:", "", *lines] if lines else []
+
+
+def poisoning_lines(poisoning: dict[str, Any]) -> list[str]:
+    """The simulated attack a run ran under, said first so no figure is read as an honest run's."""
+    if poisoning.get("attack", "none") == "none":
+        return []
+    parameter = next(
+        (
+            f", {name} {poisoning[key]}"
+            for key, name in (("scale", "scale"), ("noise_std", "noise std"), ("alie_z", "z"))
+            if poisoning.get(key) is not None
+        ),
+        "",
+    )
+    lines = [
+        "",
+        f"**Simulated poisoning**: clients {', '.join(map(str, poisoning['malicious_clients']))} "
+        f"({poisoning['fraction']:.0%} of them) ran the `{poisoning['attack']}` attack{parameter}; every "
+        "figure below is under that attack.",
+    ]
+    if "backdoor_success_rate" in poisoning:
+        lines.append(
+            f"Backdoor: the exported detector misses {poisoning['backdoor_success_rate']:.0%} of the "
+            "held-out test anomalies when they carry the trigger."
+        )
+    return lines
 
 
 def _seconds(row: dict[str, Any], key: str) -> str:
@@ -320,6 +351,7 @@ def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Pa
         "",
         f"{summary['num_clients']} clients, {summary['num_rounds']} rounds, model `{summary['model']}`, "
         f"strategy `{summary['strategy']}`.",
+        *poisoning_lines(summary.get("poisoning") or {}),
         "",
         f"Data protocol: {summary['data_protocol']}",
         "",

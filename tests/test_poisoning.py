@@ -354,3 +354,15 @@ def test_a_simulated_federation_with_boosted_attackers_and_norm_bounding(tmp_pat
         assert row["clipped"] == [attacker], row
         assert row["max_update_norm"] > 2.0
     assert 0.5 < summary["detector"]["test_auc"] <= 1.0
+
+
+def test_the_report_says_first_that_a_run_was_under_attack_and_who_was_clipped() -> None:
+    from shared.report import _incident_lines, poisoning_lines
+
+    assert poisoning_lines({"attack": "none"}) == []
+    section = {"attack": "backdoor", "fraction": 0.2, "malicious_clients": [3, 9], "scale": 10.0}
+    text = "\n".join(poisoning_lines({**section, "backdoor_success_rate": 0.25}))
+    assert "clients 3, 9 (20% of them) ran the `backdoor` attack, scale 10.0" in text
+    assert "misses 25% of the held-out test anomalies when they carry the trigger" in text
+    incidents = "\n".join(_incident_lines([{"round": 2, "clipped": [3, 9]}]))
+    assert "round 2: update(s) of client(s) 3, 9 scaled down to clip-update-norm" in incidents
