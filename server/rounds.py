@@ -51,7 +51,9 @@ class RoundBook:
             "round": server_round,
             # Whose updates were aggregated; clients whose update was rejected trained (and spent
             # privacy) all the same, and are listed with the reason; failed replies name their node.
-            "clients": [] if withheld else sorted(set(train) - set(rejected)),
+            "clients": []
+            if withheld
+            else self.recorder.aggregated.get(server_round, sorted(set(train) - set(rejected))),
             "trained": sorted(train),
             "not_aggregated": withheld,
             "rejected": {str(c): reason for c, reason in sorted(rejected.items())},

@@ -53,6 +53,7 @@ class RoundRecorder:
     failed: dict[int, list[dict]] = field(default_factory=lambda: defaultdict(list))
     withheld: dict[int, str] = field(default_factory=dict)  # round -> why nothing was aggregated
     clipped: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))  # clip-update-norm
+    aggregated: dict[int, list[int]] = field(default_factory=dict)  # round -> the clients the rule used
 
     def _capture(
         self, store: dict[int, dict[int, dict[str, float]]], contents: list[RecordDict], weight_key: str
@@ -98,6 +99,8 @@ class RoundRecorder:
 
     def aggregate_train(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
         self.phase_ended["train"] = time.perf_counter()
+        # Flower's Krum, MultiKrum and Bulyan pass only the updates they selected: whose were aggregated.
+        self.aggregated[self.current_round] = sorted(int(c["metrics"]["client-id"]) for c in contents)
         return self._capture(self.train, contents, weight_key)
 
     def aggregate_evaluate(self, contents: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -154,6 +157,13 @@ def _base_strategy(config: FedaeConfig, sampled: int) -> tuple[type[Strategy], d
     }[config.strategy]
 
 
+def rule_minimum(config: FedaeConfig) -> int:
+    """The fewest updates the configured rule is defined for: Krum and MultiKrum score each update by its
+    n - f - 2 nearest neighbours (n >= 2f + 3), Bulyan needs n >= 4f + 3."""
+    f = config.num_malicious_nodes
+    return {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(config.strategy, 1)
+
+
 def build_strategy(
     config: FedaeConfig, recorder: RoundRecorder, num_clients: int, mixins: tuple[type, ...] = ()
 ) -> Strategy:
@@ -181,6 +191,8 @@ def build_strategy(
         "max_update_norm": config.max_update_norm,
         "clip_update_norm": config.clip_update_norm,
         "all_or_nothing": config.client_dp_enabled,
+        "rule_name": config.strategy,
+        "rule_minimum": rule_minimum(config),
     }
     if not config.client_dp_enabled:
         cls = type(f"BudgetAware{base.__name__}", (*mixins, RoundGuard, base), mixin)
@@ -227,6 +239,10 @@ class RoundGuard:
     recorder: RoundRecorder | None = None
     max_update_norm: float = 0.0
     clip_update_norm: float = 0.0  # norm bounding: longer updates are scaled down to this, 0: off
+    # The aggregation rule's name and the fewest accepted updates it is defined for (Krum: 2f + 3,
+    # Bulyan: 4f + 3; others: 1).
+    rule_name: str = "fedavg"
+    rule_minimum: int = 1
     # Client-level DP calibrates its noise to every sampled client's update: with one left out the
     # round's release would not have the stated guarantee, so nothing is aggregated (as Flower's DP
     # wrappers do with an error reply).
@@ -316,6 +332,13 @@ class RoundGuard:
             )
         elif accepted < self.min_clients:
             withheld = f"{accepted} update(s) accepted, fewer than min-available-clients {self.min_clients}"
+        elif accepted < self.rule_minimum:
+            # Krum's scores and Bulyan's selection assume this many updates (shared.config._robust_rule
+            # checks the sample at start; failures, rejections and spent budgets can shrink a round).
+            withheld = (
+                f"{accepted} update(s) accepted, fewer than the {self.rule_minimum} that "
+                f"strategy {self.rule_name} needs"
+            )
         if withheld is not None:
             logger.warning("round %d: %s; the global model stays as it was", server_round, withheld)
             if self.recorder is not None:
@@ -323,8 +346,18 @@ class RoundGuard:
             self._withheld_in_a_row.append(withheld)
             return None, None
         arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
-        if arrays is None:  # Flower's DP wrappers release nothing from a round with an error reply
-            self._withheld_in_a_row.append("an error reply voided the client-level DP release")
+        if arrays is None:
+            # Flower's DP wrappers release nothing from a round with an error reply; its robust rules
+            # aggregate nothing from too few replies.
+            reason = (
+                "an error reply voided the client-level DP release"
+                if self.all_or_nothing
+                else f"{self.rule_name} aggregated nothing from {accepted} update(s)"
+            )
+            logger.warning("round %d: %s; the global model stays as it was", server_round, reason)
+            if self.recorder is not None:
+                self.recorder.withheld[server_round] = reason
+            self._withheld_in_a_row.append(reason)
             return None, metrics
         self._withheld_in_a_row.clear()
         if self.on_release is not None and getattr(self, "accountant", None) is not None:

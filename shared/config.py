@@ -402,12 +402,14 @@ def _secagg_aggregation_rule(config: Any, num_clients: int | None) -> list[str]:
             "client's update, and secure aggregation shows the server only their weighted sum; use "
             "fedavg, fedprox or fedadam, or secure-aggregation 'none'"
         ]
-    if config.max_update_norm > 0:
-        return [
-            f"max-update-norm {config.max_update_norm:g} bounds each client's update, and secure-aggregation "
-            f"{config.secure_aggregation!r} shows the server only their sum, so no update could be checked; "
-            "set max-update-norm 0 or secure-aggregation 'none'"
-        ]
+    for key in ("max-update-norm", "clip-update-norm"):
+        bound = getattr(config, key.replace("-", "_"))
+        if bound > 0:
+            return [
+                f"{key} {bound:g} bounds each client's update, and secure-aggregation "
+                f"{config.secure_aggregation!r} shows the server only their sum, so no update could be "
+                f"checked or clipped; set {key} 0 or secure-aggregation 'none'"
+            ]
     # fedavg, fedprox (a client-side term) and fedadam (an optimiser step on the averaged model) need
     # only the weighted sum, which is what SecAgg+ delivers.
     return []
@@ -500,10 +502,17 @@ def _attack_rule(config: Any, num_clients: int | None) -> list[str]:
             from shared.attacks.poisoning import malicious_clients
 
             count = len(malicious_clients(num_clients, config.attack_fraction, config.seed))
+            sampled = clients_per_round(config, num_clients)
             if count < 2:
                 problems.append(
                     f"attack 'alie' needs at least two colluding clients to estimate a spread; "
                     f"attack-fraction {config.attack_fraction:g} of {num_clients} clients gives {count}"
+                )
+            elif count >= sampled // 2 + 1:
+                # Baruch et al.'s shift is defined for a colluding minority (z_max would be infinite).
+                problems.append(
+                    f"attack 'alie' is defined for a colluding minority: {count} colluders of {sampled} "
+                    "clients per round is a majority, which needs no subtle attack; lower attack-fraction"
                 )
     if config.attack != "none" and config.deployed_files:
         problems.append(

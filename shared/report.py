@@ -263,7 +263,7 @@ def poisoning_lines(poisoning: dict[str, Any]) -> list[str]:
     parameter = next(
         (
             f", {name} {poisoning[key]}"
-            for key, name in (("scale", "scale"), ("noise_std", "noise std"), ("alie_z", "z"))
+            for key, name in (("scale", "scale"), ("noise_std", "noise std"), ("alie_z", "z ="))
             if poisoning.get(key) is not None
         ),
         "",

@@ -17,7 +17,7 @@ import numpy as np
 
 from shared import faults, privacy
 from shared.attacks import poisoning
-from shared.config import FedaeConfig
+from shared.config import ConfigError, FedaeConfig
 from shared.data.errors import TrainingDataError
 from shared.data.sources import (
     ClientData,
@@ -211,6 +211,7 @@ def train_client(
     in the ledger (all rounds of all runs that used it), not this round alone.
     """
     data = client_data(config, client_id, site)
+    attack = _attack(config, client_id, site)  # before any charge: a refusal costs nothing
     received_weights = weights
     received = weights_digest(weights) if config.dp_enabled else ""  # what a kept update is keyed by
     if received and (kept := _kept_reply(config, ledger, run_id, server_round, received)) is not None:
@@ -265,7 +266,6 @@ def train_client(
     trainer.set_weights(weights)
     mu = config.proximal_mu if config.strategy == "fedprox" else 0.0
     x_train = scaler.transform(data.x_train)
-    attack = _attack(config, client_id)
     rng = np.random.default_rng([config.seed, client_id, server_round, 0xA77])
     if attack == "backdoor":
         trigger = poisoning.make_trigger(spec.kind, spec.input_shape, scaler.model_input_shape, config.seed)
@@ -297,11 +297,16 @@ def train_client(
     return TrainOutcome(weights, result.num_examples, result.loss, event, epsilon, fit_seconds)
 
 
-def _attack(config: FedaeConfig, client_id: int) -> str:
+def _attack(config: FedaeConfig, client_id: int, site: SiteData | None = None) -> str:
     """The simulated attack this client runs ("none" for an honest one): attack-fraction of the clients,
-    the same seeded choice on every side (shared.attacks.poisoning)."""
+    the same seeded choice on every side (shared.attacks.poisoning). A deployed site (its own data file)
+    refuses any: a server's run config must not turn a real site into an attacker."""
     if config.attack == "none":
         return "none"
+    if site is not None:
+        raise ConfigError(
+            f"the run config asks for the simulated attack {config.attack!r}; a deployed site never runs one"
+        )
     chosen = poisoning.malicious_clients(num_clients_for(config), config.attack_fraction, config.seed)
     return config.attack if client_id in chosen else "none"
 

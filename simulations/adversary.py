@@ -32,7 +32,8 @@ class ColludingAdversary:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[object, object]:
         replies = list(replies)
         ours = [r for r in replies if not r.has_error() and _client(r) in self.colluders]
-        if len(ours) >= 2:
+        colluders_round = server_round + getattr(self, "round_offset", 0)
+        if len(ours) >= 2 and (self.alie_z or len(ours) < len(replies) // 2 + 1):
             honest = [r.content["arrays"].to_numpy_ndarrays() for r in ours]
             z = self.alie_z or poisoning.alie_z(len(replies), len(ours))
             crafted = poisoning.alie_update(self._sent_arrays, honest, z)
@@ -43,10 +44,14 @@ class ColludingAdversary:
                 )
             logger.info(
                 "round %d: %d colluding clients send one 'a little is enough' model (z = %.3f)",
-                server_round,
+                colluders_round,
                 len(ours),
                 z,
             )
+        elif ours:
+            # Too few in this round's sample to estimate a spread, or a majority (z_max undefined):
+            # the colluders send their honest updates this round.
+            logger.info("round %d: %d colluder(s) sampled; no attack this round", colluders_round, len(ours))
         return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.attacks.poisoning import malicious_clients
 from shared.config import ConfigError, FedaeConfig, parse_key_values
 
 logger = logging.getLogger("fedae.simulations")
@@ -93,50 +94,54 @@ def defence_overrides(defence: str, malicious: int, norm_bound: float | None) ->
     return {"strategy": defence, "num-malicious-nodes": max(1, malicious)}
 
 
+CELL_TIMEOUT_S = 3600  # a cell that hangs is recorded as failed, the matrix goes on
+
+
 def run_cell(cell: Cell, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Run one cell as ``fedae simulate`` in its own process and evaluate its final model."""
+    """Run one cell as ``fedae simulate`` in its own process and evaluate its final model. A cell whose
+    settings the config refuses (Bulyan with too few clients per attacker) is recorded as not applicable
+    without running."""
     cell_dir = out / "cells" / cell.name
-    result_path = cell_dir / "result.json"
-    run_dir = cell_dir / "run"
+    result_path, run_dir = cell_dir / "result.json", cell_dir / "run"
+    wanted = json.loads(json.dumps(overrides, default=str))
     if result_path.exists():
-        # Done before: only the final model's metrics are taken again (seconds), so they always follow
-        # this code's definitions.
         result = json.loads(result_path.read_text())
-        if not result.get("failed"):
-            result |= final_model_metrics(run_dir)
-            result_path.write_text(json.dumps(result, indent=2))
+        if result.get("run_config") == wanted:
+            # Done before with these settings: only the final model's metrics are taken again
+            # (seconds), so they always follow this code's definitions.
+            if (run_dir / "checkpoint.npz").exists():
+                result |= final_model_metrics(run_dir)
+                result_path.write_text(json.dumps(result, indent=2))
+            return result
+        logger.info("cell %s: settings changed since its last run; running it again", cell.name)
+    result: dict[str, Any] = {"attack": cell.attack, "defence": cell.defence, "fraction": cell.fraction}
+    result["run_config"] = wanted
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        FedaeConfig().with_overrides(overrides)
+    except ConfigError as err:
+        result |= {"failed": True, "not_applicable": True, "reason": str(err)}
+        result_path.write_text(json.dumps(result, indent=2))
         return result
     run_config = " ".join(f"{key}={value}" for key, value in {**overrides, "out-dir": run_dir}.items())
-    command = [
-        sys.executable,
-        "-m",
-        "fedae",
-        "simulate",
-        "--no-baselines",
-        "--json",
-        "--run-config",
-        run_config,
-    ]
-    started = time.perf_counter()
+    command = [sys.executable, "-m", "fedae", "simulate", "--no-baselines", "--run-config", run_config]
     logger.info("cell %s: %s", cell.name, run_config)
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - started
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    (cell_dir / "simulate.log").write_text(done.stderr)
-    result: dict[str, Any] = {"attack": cell.attack, "defence": cell.defence, "fraction": cell.fraction}
-    result |= {"run_config": overrides, "seconds": round(seconds, 1)}
-    if done.returncode != 0:
-        # A run the attack broke (no finite round, nothing exported) is a result too, not a crash.
-        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-        result |= {"failed": True, "reason": tail[0]}
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=CELL_TIMEOUT_S)
+        returncode, stderr = done.returncode, done.stderr
+    except subprocess.TimeoutExpired as err:
+        returncode, stderr = -1, f"{err.stderr or ''}\nno result after {CELL_TIMEOUT_S} s"
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    (cell_dir / "simulate.log").write_text(str(stderr))
+    summary_path = run_dir / "summary.json"
+    if returncode != 0 or not summary_path.exists():
+        # A run the attack broke (every round diverged: nothing exported) is a result too: its last
+        # checkpointed model is still judged where there is one.
+        errors = [line for line in str(stderr).splitlines() if "error" in line.lower()] or ["no output"]
+        result |= {"failed": True, "reason": errors[-1].strip()}
     else:
-        summary = json.loads(done.stdout)
-        try:
-            result |= final_model_metrics(run_dir)
-        except (OSError, ValueError) as err:
-            result |= {"failed": True, "reason": f"the final model could not be evaluated: {err}"}
-            result_path.write_text(json.dumps(result, indent=2))
-            return result
+        summary = json.loads(summary_path.read_text())
         result |= {
             "failed": False,
             "exported_auc": summary["detector"]["test_auc"],
@@ -144,13 +149,20 @@ def run_cell(cell: Cell, overrides: dict[str, Any], out: Path) -> dict[str, Any]
             "max_update_norm": max((r["max_update_norm"] or 0.0) for r in summary["rounds"]),
             "malicious_clients": summary["poisoning"].get("malicious_clients", []),
         }
+    if (run_dir / "checkpoint.npz").exists():
+        result |= final_model_metrics(run_dir)
     result_path.write_text(json.dumps(result, indent=2))
     return result
 
 
 def final_model_metrics(run_dir: Path) -> dict[str, float]:
-    """Test AUC, normal-row reconstruction loss and backdoor success of the run's last global model."""
+    """Test AUC, normal-row reconstruction loss and backdoor success of the run's last global model.
+
+    The AUC is taken on the normal test rows and the half of the anomalies a backdoor attacker never
+    holds (``poisoning.measured_anomalies``), in every cell alike, so that no cell is scored on rows an
+    attacker trained on."""
     import numpy as np
+    from sklearn.metrics import roc_auc_score
 
     from shared import pipeline
     from shared.attacks import poisoning
@@ -167,23 +179,21 @@ def final_model_metrics(run_dir: Path) -> dict[str, float]:
     trainer.set_weights(checkpoint.arrays["global"])
     x_calibration = setup.scaler.transform(setup.data.x_calibration)
     x_test, y_test = setup.scaler.transform(setup.data.x_test), setup.data.y_test
-    weights = trainer.get_weights()
-    if not all(np.isfinite(w).all() for w in weights):
+    normal, unseen = x_test[y_test == 0], poisoning.measured_anomalies(x_test, y_test)
+    x_eval = np.concatenate([normal, unseen])
+    y_eval = np.concatenate([np.zeros(len(normal), int), np.ones(len(unseen), int)])
+    if not all(np.isfinite(w).all() for w in trainer.get_weights()):
         return {"final_auc": float("nan"), "normal_loss": float("inf"), "backdoor_success": float("nan")}
     scorer, threshold, scores = pipeline.fit_and_score(
-        config, trainer.model, trainer.spec, x_calibration, x_test
+        config, trainer.model, trainer.spec, x_calibration, x_eval
     )
-    from sklearn.metrics import roc_auc_score
-
     trigger = poisoning.make_trigger(
         setup.spec.kind, setup.spec.input_shape, setup.scaler.model_input_shape, config.seed
     )
-    triggered = scorer.score(
-        residuals(trainer.model, trainer.spec, trigger.stamp(poisoning.measured_anomalies(x_test, y_test)))
-    )
+    triggered = scorer.score(residuals(trainer.model, trainer.spec, trigger.stamp(unseen)))
     return {
-        "final_auc": float(roc_auc_score(y_test, scores)) if np.isfinite(scores).all() else float("nan"),
-        "normal_loss": trainer.mean_loss(x_test[y_test == 0]),
+        "final_auc": float(roc_auc_score(y_eval, scores)) if np.isfinite(scores).all() else float("nan"),
+        "normal_loss": trainer.mean_loss(normal),
         "backdoor_success": poisoning.backdoor_success_rate(triggered, threshold),
     }
 
@@ -201,8 +211,6 @@ def run_matrix(
     norm_bound = round(clean["max_update_norm"], 4)
     results = [clean]
     for fraction in fractions:
-        from shared.attacks.poisoning import malicious_clients
-
         malicious = len(malicious_clients(num_clients, fraction, int(base.get("seed", 42))))
         for attack in attacks:
             cell_fraction = 0.0 if attack == "none" else fraction
@@ -225,7 +233,9 @@ def run_matrix(
 def _cell_text(result: dict[str, Any] | None, clean: dict[str, Any]) -> str:
     if result is None:
         return ""
-    if result.get("failed"):
+    if result.get("not_applicable"):
+        return "n/a"
+    if "final_auc" not in result:
         return "failed"
     auc, loss = result["final_auc"], result["normal_loss"]
     if not math.isfinite(auc):
@@ -234,7 +244,7 @@ def _cell_text(result: dict[str, Any] | None, clean: dict[str, Any]) -> str:
     text = f"{auc:.3f} ({ratio:.2f}x)"
     if result["attack"].startswith("backdoor"):
         text += f", bd {result['backdoor_success']:.2f}"
-    return text
+    return text + (" (run failed)" if result.get("failed") else "")
 
 
 def write_outputs(out: Path, results: list[dict[str, Any]], norm_bound: float) -> None:
@@ -246,8 +256,10 @@ def write_outputs(out: Path, results: list[dict[str, Any]], norm_bound: float) -
     fractions = sorted({r["fraction"] for r in results if r["attack"] != "none"})
     lines = [
         "Final-round test ROC-AUC (normal-row reconstruction loss as a multiple of the clean FedAvg run's;",
-        "`bd`: backdoor success, triggered anomalies missed). Clean FedAvg: "
-        f"AUC {clean['final_auc']:.3f}, loss {clean['normal_loss']:.4f}; norm-bound clips at {norm_bound:g}.",
+        "`bd`: backdoor success, triggered held-out anomalies missed). Clean FedAvg: "
+        f"AUC {clean['final_auc']:.3f}, loss {clean['normal_loss']:.4f}, triggered anomalies missed "
+        f"{clean['backdoor_success']:.2f}; norm-bound clips at {norm_bound:g}. n/a: settings the rule "
+        "cannot run with.",
         "",
     ]
     for fraction in fractions:
@@ -280,16 +292,18 @@ def _plot(
     import matplotlib.pyplot as plt
     import numpy as np
 
+    panels = max(1, len(fractions))
     figure, axes = plt.subplots(
         1,
-        max(1, len(fractions)),
-        figsize=(1.3 * len(defences) * max(1, len(fractions)) + 2, 0.5 * len(attacks) + 2),
+        panels + 1,
+        figsize=(1.3 * len(defences) * (panels + 1) + 2, 0.5 * len(attacks) + 2.5),
         squeeze=False,
     )
-    for ax, fraction in zip(axes[0], fractions or [0.0], strict=True):
+    image = None
+    for ax, fraction in zip(axes[0][:panels], fractions or [0.0], strict=True):
         grid = np.full((len(attacks), len(defences)), np.nan)
         for r in results:
-            if r.get("failed") or (r["attack"] != "none" and r["fraction"] != fraction):
+            if "final_auc" not in r or (r["attack"] != "none" and r["fraction"] != fraction):
                 continue
             grid[attacks.index(r["attack"]), defences.index(r["defence"])] = r["final_auc"]
         image = ax.imshow(grid, vmin=0.5, vmax=1.0, cmap="viridis")
@@ -306,7 +320,31 @@ def _plot(
         ax.set_xticks(range(len(defences)), defences, rotation=30, ha="right")
         ax.set_yticks(range(len(attacks)), attacks)
         ax.set_title(f"final test ROC-AUC, {fraction:.0%} malicious")
-    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    # Backdoor success per defence: each backdoor cell beside the clean cell (the trigger alone).
+    bars = axes[0][panels]
+    labels = [("clean", lambda r: r["attack"] == "none")]
+    labels += [
+        (f"{a}, {f:.0%}", lambda r, a=a, f=f: r["attack"] == a and r["fraction"] == f)
+        for a in attacks
+        if a.startswith("backdoor")
+        for f in fractions
+    ]
+    width = 0.8 / len(labels)
+    for k, (label, chosen) in enumerate(labels):
+        values = [
+            next(
+                (r.get("backdoor_success", np.nan) for r in results if r["defence"] == d and chosen(r)),
+                np.nan,
+            )
+            for d in defences
+        ]
+        bars.bar(np.arange(len(defences)) + k * width, values, width, label=label)
+    bars.set_xticks(np.arange(len(defences)) + 0.4 - width / 2, defences, rotation=30, ha="right")
+    bars.set_ylim(0, 1)
+    bars.set_title("backdoor success (triggered anomalies missed)")
+    bars.legend(fontsize=8)
+    if image is not None:
+        figure.colorbar(image, ax=axes[0][:panels].tolist(), shrink=0.8)
     figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
@@ -337,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # the clean FedAvg cell failed: nothing else can be judged against it
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print((args.out / "matrix.md").read_text())
     print(f"{len(results)} cells; matrix.json, matrix.md and matrix.png in {args.out}")
     return 0

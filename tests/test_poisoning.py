@@ -26,7 +26,7 @@ def test_the_attack_names_are_the_configs() -> None:
 
 
 @pytest.mark.parametrize(
-    ("clients", "fraction", "count"), [(15, 0.2, 3), (5, 0.2, 1), (10, 0.05, 1), (7, 0.0, 0)]
+    ("clients", "fraction", "count"), [(15, 0.2, 3), (5, 0.2, 1), (10, 0.05, 1), (7, 0.0, 0), (15, 0.3, 5)]
 )
 def test_the_malicious_clients_are_the_stated_share_chosen_the_same_way_everywhere(
     clients: int, fraction: float, count: int
@@ -78,8 +78,9 @@ def test_alie_z_matches_the_papers_rule() -> None:
     assert poisoning.alie_z(50, 12) == pytest.approx(0.5828, abs=1e-3)
     # n = 15, m = 3: s = 5, z = Phi^-1(10 / 15) = 0.4307.
     assert poisoning.alie_z(15, 3) == pytest.approx(0.4307, abs=1e-3)
-    with pytest.raises(ValueError):
-        poisoning.alie_z(5, 0)
+    for sampled, malicious in ((5, 0), (5, 3), (3, 2), (15, 8)):  # none, or a majority: no z_max
+        with pytest.raises(ValueError, match="colluding minority"):
+            poisoning.alie_z(sampled, malicious)
 
 
 def test_alie_sends_mean_minus_z_std_of_the_colluders_own_updates() -> None:
@@ -366,3 +367,78 @@ def test_the_report_says_first_that_a_run_was_under_attack_and_who_was_clipped()
     assert "misses 25% of the held-out test anomalies when they carry the trigger" in text
     incidents = "\n".join(_incident_lines([{"round": 2, "clipped": [3, 9]}]))
     assert "round 2: update(s) of client(s) 3, 9 scaled down to clip-update-norm" in incidents
+
+
+def test_a_client_server_and_adversary_agree_on_who_attacks() -> None:
+    from shared.task import _attack
+
+    config = FedaeConfig(attack="scale", attack_fraction=0.2, num_clients=15)
+    attackers = {c for c in range(15) if _attack(config, c) == "scale"}
+    assert attackers == poisoning.malicious_clients(15, 0.2, config.seed) and len(attackers) == 3
+    alie = config.replace(attack="alie")
+    (mixin,) = adversary_mixins(alie, 15)
+    assert mixin.colluders == {c for c in range(15) if _attack(alie, c) == "alie"} == attackers
+
+
+def test_a_deployed_site_refuses_to_run_a_simulated_attack() -> None:
+    from shared.data.sources import DataSpec
+    from shared.task import SiteData, _attack
+
+    config = FedaeConfig(attack="scale", attack_fraction=0.2, num_clients=15)
+    site = SiteData("site.csv", DataSpec("tabular", (3,)))
+    attacker = min(poisoning.malicious_clients(15, 0.2, config.seed))
+    with pytest.raises(ConfigError, match="a deployed site never runs one"):
+        _attack(config, attacker, site)
+
+
+def test_a_round_too_small_for_bulyan_is_withheld_with_the_reason() -> None:
+    recorder = RoundRecorder()
+    strategy = _strategy(recorder, strategy="bulyan", num_malicious_nodes=1)
+    # 7 clients per round are needed (4f + 3); one failed, so 6 updates came back.
+    replies = [_Reply(10 + c, _moved(0.1), client=c) for c in range(6)] + [_Reply(16, code=4210)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is None
+    assert recorder.withheld[1] == "6 update(s) accepted, fewer than the 7 that strategy bulyan needs"
+
+
+def test_a_krum_round_lists_only_the_client_it_selected_as_aggregated() -> None:
+    from server.rounds import RoundBook
+
+    recorder = RoundRecorder()
+    strategy = _strategy(recorder, strategy="krum", num_malicious_nodes=2)
+    book = RoundBook(FedaeConfig(), recorder, GLOBAL)
+    arrays, _ = strategy.aggregate_train(1, _round(attacker_delta=-20.0))
+    book.close_round(1, arrays.to_numpy_ndarrays(), loss=0.5)
+    (chosen,) = book.rows[0]["clients"]
+    assert chosen in range(5) and book.rows[0]["trained"] == list(range(7))
+
+
+def test_a_clipped_update_is_what_the_robust_rule_aggregates() -> None:
+    recorder = RoundRecorder()
+    strategy = _strategy(recorder, strategy="fedmedian", clip_update_norm=0.5 * np.sqrt(8))
+    # Three updates move every weight by 1, 2 and 3; clipped to norm 0.5 * sqrt(8), each moves by 0.5.
+    replies = [_Reply(10 + c, _moved(float(c + 1)), client=c) for c in range(3)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], GLOBAL[0] + 0.5, rtol=1e-5)
+    assert recorder.clipped[1] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("keys", "needle"),
+    [
+        ({"attack": "alie", "attack_fraction": 0.6, "num_clients": 5}, "colluding minority"),
+        ({"clip_update_norm": 1.0, "secure_aggregation": "secagg+", "num_clients": 6}, "clip-update-norm 1"),
+    ],
+)
+def test_more_settings_that_cannot_hold_are_refused(keys: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        FedaeConfig(**keys)
+
+
+def test_a_matrix_cell_the_config_refuses_is_not_applicable_and_not_run(tmp_path: Path) -> None:
+    cell = poisoning_matrix.Cell("scale:10", "bulyan", 0.3)
+    overrides = {**poisoning_matrix.BASE, **poisoning_matrix.defence_overrides("bulyan", 5, None)}
+    overrides |= poisoning_matrix.attack_overrides("scale:10", 0.3)
+    result = poisoning_matrix.run_cell(cell, overrides, tmp_path)
+    assert result["not_applicable"] and "at least 23 clients per round" in result["reason"]
+    assert not (tmp_path / "cells" / cell.name / "run").exists()

@@ -23,11 +23,13 @@ The attacks are short in TensorFlow once the score is a differentiable function.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from shared.models import residuals
 from shared.scoring import ResidualScorer
 from shared.tfenv import load_tensorflow
 
@@ -48,13 +50,34 @@ class Target:
     low: np.ndarray  # valid input range, broadcastable to one row of the model's input
     high: np.ndarray
 
-    def score(self, x: np.ndarray, batch_size: int = 2048) -> np.ndarray:
-        """The detector's score of each row (float64), the same function the attacks differentiate."""
-        parts = [
-            self.score_tensor(tf.convert_to_tensor(x[i : i + batch_size])).numpy()
-            for i in range(0, len(x), batch_size)
-        ]
-        return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """The detector's own score of each row (float64): what it reports and decides by, bit for bit.
+        The attacks differentiate the same function (``score_tensor``), compiled."""
+        return self.scorer.score(residuals(self.model, self.spec, x)) if len(x) else np.zeros(0)
+
+    def score_and_gradient(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's score and its gradient with respect to the row, from one forward and backward
+        pass: PGD needs both at every iterate, and a second forward pass for the score alone cost a
+        third of its time."""
+        score, gradient = self._compiled_score_and_gradient(tf.convert_to_tensor(x))
+        return score.numpy().astype(np.float64), gradient.numpy()
+
+    # Compiled once per target (cached on the instance): eager TensorFlow spends more time dispatching
+    # than computing for these small models, and PGD makes thousands of calls (measured: 0.94 s eager,
+    # 0.08 s compiled for 40 steps on 300 rows). The compiled graph fuses each layer's matmul, bias and
+    # activation, which rounds float32 slightly differently (1e-5 relative): the attack follows this
+    # score, while every figure reported comes from ``score``. reduce_retracing: the batch dimension is
+    # left unknown after the first shapes, so a short last batch does not trace again.
+    @functools.cached_property
+    def _compiled_score_and_gradient(self) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+        def score_and_gradient(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                score = self.score_tensor(x)
+                total = tf.reduce_sum(score)  # rows are independent: the sum's gradient is per row
+            return score, tape.gradient(total, x)
+
+        return tf.function(score_and_gradient, reduce_retracing=True)
 
     def score_tensor(self, x: tf.Tensor) -> tf.Tensor:
         """Differentiable score: the scoring rule applied to ``x - reconstruction(x)``."""
@@ -108,11 +131,15 @@ def project(target: Target, x: np.ndarray, x_adv: np.ndarray, norm: str, epsilon
 
 
 def _gradient(target: Target, x: np.ndarray) -> np.ndarray:
-    x_tensor = tf.convert_to_tensor(x)
-    with tf.GradientTape() as tape:
-        tape.watch(x_tensor)
-        total = tf.reduce_sum(target.score_tensor(x_tensor))
-    return tape.gradient(total, x_tensor).numpy()
+    return target.score_and_gradient(x)[1]
+
+
+def _keep_best(
+    sign: float, x: np.ndarray, score: np.ndarray, best: np.ndarray, best_score: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, ``x`` where its score beats the best so far in the attack's direction."""
+    better = sign * score > sign * best_score
+    return np.where(better.reshape(-1, *([1] * (x.ndim - 1))), x, best), np.where(better, score, best_score)
 
 
 def _step(gradient: np.ndarray, norm: str, size: float) -> np.ndarray:
@@ -160,13 +187,11 @@ def pgd(
     for restart in range(restarts):
         current = x if restart == 0 else random_perturbation(target, x, epsilon, norm, rng)
         for size in sizes:
-            current = project(
-                target, x, current + sign * _step(_gradient(target, current), norm, size), norm, epsilon
-            )
-            score = target.score(current)
-            better = sign * score > sign * best_score
-            best = np.where(better.reshape(-1, *([1] * (x.ndim - 1))), current, best)
-            best_score = np.where(better, score, best_score)
+            # Each iterate is scored by the pass that gives its gradient; the last one after the loop.
+            score, gradient = target.score_and_gradient(current)
+            best, best_score = _keep_best(sign, current, score, best, best_score)
+            current = project(target, x, current + sign * _step(gradient, norm, size), norm, epsilon)
+        best, best_score = _keep_best(sign, current, target.score(current), best, best_score)
     return best
 
 
@@ -214,20 +239,18 @@ def spsa(
     best_score = target.score(x)
     used = 1  # the clean score
     while used + 2 * samples + 1 <= query_budget:
-        estimate = np.zeros_like(current, dtype=np.float64)
-        for _ in range(samples):
-            flips = rng.choice(np.array([-1.0, 1.0], np.float32), size=current.shape)
-            # Probes stay in the valid range too: a deployed detector is only asked about valid inputs.
-            up = target.score(project(target, x, current + probe * flips, "linf", epsilon + probe))
-            down = target.score(project(target, x, current - probe * flips, "linf", epsilon + probe))
-            estimate += ((up - down) / (2 * probe)).reshape(-1, *([1] * (x.ndim - 1))) * flips
+        flips = rng.choice(np.array([-1.0, 1.0], np.float32), size=(samples, *current.shape))
+        # Probes stay in the valid range too: a deployed detector is only asked about valid inputs. All
+        # of a step's probes go to the detector as one batch (the queries counted are the same).
+        probes = [project(target, x, current + probe * f, "linf", epsilon + probe) for f in flips]
+        probes += [project(target, x, current - probe * f, "linf", epsilon + probe) for f in flips]
+        scores = target.score(np.concatenate(probes)).reshape(2, samples, len(x))
+        slopes = (scores[0] - scores[1]) / (2 * probe)  # (samples, rows)
+        estimate = np.sum(slopes.reshape(samples, len(x), *([1] * (x.ndim - 1))) * flips, axis=0)
         used += 2 * samples
         current = project(target, x, current + sign * step_size * np.sign(estimate), "linf", epsilon)
-        score = target.score(current)
         used += 1
-        better = sign * score > sign * best_score
-        best = np.where(better.reshape(-1, *([1] * (x.ndim - 1))), current, best)
-        best_score = np.where(better, score, best_score)
+        best, best_score = _keep_best(sign, current, target.score(current), best, best_score)
     return best, used
 
 

@@ -46,7 +46,8 @@ def malicious_clients(num_clients: int, fraction: float, seed: int) -> frozenset
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-    count = 0 if fraction == 0 else max(1, round(fraction * num_clients))
+    # Half rounds up (not Python's round-half-to-even): 30 % of 15 clients is 5, not 4.
+    count = 0 if fraction == 0 else max(1, math.floor(fraction * num_clients + 0.5))
     order = np.random.default_rng([seed, 0xBAD]).permutation(num_clients)
     return frozenset(int(c) for c in order[:count])
 
@@ -86,9 +87,11 @@ def alie_z(num_sampled: int, num_malicious: int) -> float:
     closer to the mean than enough honest clients for a majority-based rule to pick them."""
     from scipy.stats import norm
 
-    if not 0 < num_malicious < num_sampled:
-        raise ValueError(f"need 0 < malicious ({num_malicious}) < sampled ({num_sampled})")
     supporters = math.floor(num_sampled / 2 + 1) - num_malicious
+    if num_malicious < 1 or supporters < 1:
+        raise ValueError(
+            f"z_max is defined for a colluding minority: {num_malicious} malicious of {num_sampled} sampled"
+        )
     return float(norm.ppf((num_sampled - supporters) / num_sampled))
 
 
