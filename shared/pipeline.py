@@ -151,10 +151,13 @@ def _robustness(setup: RunSetup, trainer: Any, scorer: ResidualScorer, threshold
     x_calibration = setup.scaler.transform(setup.data.x_calibration)
     low, high = evasion.input_range(setup.spec.kind, x_calibration)
     target = evasion.Target(trainer.model, trainer.spec, scorer, threshold, low, high)
+    started = time.perf_counter()
     try:
-        return robustness.evaluate(
+        section = robustness.evaluate(
             target, setup.scaler.transform(setup.data.x_test), setup.data.y_test, config, setup.spec.kind
         )
+        # What the evaluation costs a run (lower robustness-rows or set it to 0 to shorten it).
+        return {**section, "seconds": round(time.perf_counter() - started, 1)}
     except Exception as err:  # an evaluation bug must not cost the run its detector and summary
         logger.error(
             "the robustness evaluation failed (%s: %s); the run goes on without it", type(err).__name__, err
