@@ -277,3 +277,59 @@ def test_adversarial_config_parses_and_its_targets_match_the_trainer() -> None:
     assert (config.adversarial_training_epsilon, config.adversarial_training_steps) == (0.05, 3)
     assert FedaeConfig().adversarial_training_epsilon == 0.0  # off by default
     assert config_module.ADVERSARIAL_TARGETS == ADVERSARIAL_TARGETS
+
+
+def test_dp_step_without_noise_or_clipping_is_the_plain_adversarial_step(rng) -> None:
+    """The DP step trains on the same perturbed examples as the plain step: with no noise and a clip
+    norm no gradient reaches, both give the same weights (the conv model, compiled without XLA, where the
+    two agree to rounding; the XLA kinds are checked against the eager step below)."""
+    # Prepare: the same weights and random starts; 16 rows, two batches of 8.
+    x = tf.constant(_data(CONV, 16, rng))
+    dp = LocalTrainer(CONV, _settings(CONV, clip=1e9, adversarial_target="perturbed"))
+    plain = LocalTrainer(CONV, _settings(CONV, clip=0.0, adversarial_target="perturbed"))
+    plain.set_weights(dp.get_weights())
+    for trainer in (dp, plain):
+        trainer._reseed(2)
+    # Execute
+    for half in (np.arange(8), np.arange(8, 16)):
+        dp._update(dp._clipped_sum_for(x, half)[0], dp._standard_noise())  # noise_std is 0
+        plain._plain_step(x, *plain._padded(half, 8))
+    # Assert
+    for a, b in zip(dp.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+class _NoRandomness:
+    """A stand-in for the trainer's input-noise generator that draws zeros: PGD then starts at the row
+    itself and the VAE decodes its posterior mean, the same in XLA and eagerly (their Philox draws differ)."""
+
+    def uniform(self, shape, minval=0.0, maxval=1.0):
+        return tf.zeros(shape)
+
+    def normal(self, shape, stddev=1.0):
+        return tf.zeros(shape)
+
+
+@pytest.mark.parametrize("spec", [DENSE, VAE], ids=["dense", "vae"])
+def test_the_compiled_xla_step_perturbs_as_the_eager_one(spec, rng) -> None:
+    """The compiled (XLA) DP step trains on the perturbation that the eager code computes."""
+    # Prepare: a batch of 6 padded to capacity, and a trainer without adversarial training, same weights.
+    x = tf.constant(_data(spec, 20, rng))
+    trainer = LocalTrainer(spec, _settings(spec, clip=1e9, adversarial_epsilon=0.3))
+    without = LocalTrainer(spec, _settings(spec, clip=1e9, adversarial_epsilon=0.0))
+    without.set_weights(trainer.get_weights())
+    trainer.noise_generator = without.noise_generator = _NoRandomness()  # before the first trace
+    idx, weights = trainer._padded(np.array([1, 4, 9, 12, 16, 19]))
+    # Execute
+    sums = {
+        name: np.concatenate([g.numpy().ravel() for g in run(x, idx, weights)[0]])
+        for name, run in (
+            ("compiled", trainer._clipped_sum),
+            ("eager", trainer._clipped_sum_impl),
+            ("without", without._clipped_sum),
+        )
+    }
+    # Assert: XLA's step is the eager step up to rounding, and far from the step without perturbation.
+    scale = np.abs(sums["eager"]).max()
+    np.testing.assert_allclose(sums["compiled"], sums["eager"], rtol=1e-4, atol=1e-6 * scale)
+    assert np.linalg.norm(sums["without"] - sums["eager"]) > 0.1 * np.linalg.norm(sums["eager"])
