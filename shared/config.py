@@ -90,10 +90,11 @@ class FedaeConfig:
     # PGD adversarial training inside local DP-SGD (shared/training.py, docs/ROBUSTNESS.md): each sampled
     # example is replaced by the worst point of its own L-infinity ball of this radius in the model's
     # input space (images clamped to [0, 1]; tables unclamped), found in this many steps, and trained to
-    # reconstruct the clean example ("clean") or the perturbed one ("perturbed"). 0: off. No privacy cost.
+    # reconstruct the perturbed example ("perturbed", measured better) or the clean one ("clean"). 0: off.
+    # No privacy cost.
     adversarial_training_epsilon: float = 0.0
     adversarial_training_steps: int = 5
-    adversarial_training_target: str = "clean"
+    adversarial_training_target: str = "perturbed"
     anomaly_score: str = "max-standardized"
     threshold_rule: str = "percentile"
     threshold_percentile: float = 95.0
