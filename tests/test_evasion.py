@@ -273,7 +273,8 @@ def test_fedae_robustness_attacks_a_bundle_with_a_test_file(detector, tmp_path) 
     done = robustness(str(bundle), "--test", str(test), "--json", "--run-config", settings)
     assert done.returncode == 0, done.stderr[-2000:]
     section = json.loads(done.stdout)
-    assert section["rows"] == 60 and len(section["evasion"]) == 2 * 3 * 2
+    # (evade, false-alarm, two-sided) x (random, fgsm, pgd) x (linf, l2)
+    assert section["rows"] == 60 and len(section["evasion"]) == 3 * 3 * 2
     assert section["valid_range"] == "each feature's range over the test file's normal rows"
     assert robustness(str(bundle), "--run-config", settings).returncode == 2  # a bundle needs --test
     refused = robustness(str(bundle), "--test", str(test), "--run-config", "epochs=3")
