@@ -278,9 +278,9 @@ class LocalTrainer:
         DP: the loss is a sum of per-example losses and the models have no batch statistics, so row i's
         gradient, and with it its perturbation, depends on x_i, its own random start and the current
         weights only (the received model and this fit's earlier noisy steps, on which adaptive
-        composition already lets every step depend). The clipped
-        gradient of the perturbed example is then still a function of that one example, with norm at most
-        C; sampling, steps and noise are untouched, and the accountant's event is the same.
+        composition already lets every step depend). The clipped gradient of the perturbed example is
+        then still a function of that one example, with norm at most C; sampling, steps and noise are
+        untouched, and the accountant's event is the same.
 
         Targets. The detector scores the residual x~ - f(x~) of whatever row x~ it is given.
         ``"perturbed"`` (the default) trains f(x + delta) ~ x + delta: the min-max of that very score
@@ -289,7 +289,8 @@ class LocalTrainer:
         (an anomaly pushed to evade gains from that too, but the anomaly's own residual stays).
         ``"clean"`` trains f(x + delta) ~ x, a denoiser: it removes delta from the output and so puts
         all of it into the residual, on purpose. Measured on digits (benchmarks/adversarial_training.py,
-        paired seeds), "clean" lowered both the clean and the PGD AUC; "perturbed" raised both.
+        paired seeds), "clean" lowered both the clean and the PGD AUC of the dense model; "perturbed"
+        raised both (little under DP noise).
         docs/ROBUSTNESS.md has the figures."""
         epsilon = self.settings.adversarial_epsilon
         steps = self.settings.adversarial_steps
