@@ -27,6 +27,7 @@ THRESHOLD_RULES = ("percentile", "mean-k-sigma")
 PARTITIONS = ("natural", "iid", "dirichlet")
 SCORE_RULES = ("mse", "standardized", "max-standardized")  # shared.scoring.SCORE_RULES, checked by a test
 SAMPLINGS = ("poisson", "shuffle")  # shared.training.SAMPLINGS, checked by a test
+ADVERSARIAL_TARGETS = ("clean", "perturbed")  # shared.training.ADVERSARIAL_TARGETS, checked by a test
 CLIENT_DP = ("none", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 AUTO = "auto"
 SPSA_MIN_QUERIES = 34  # one step of shared.attacks.evasion.spsa: 16 probe pairs, and two more scores
@@ -97,6 +98,14 @@ class FedaeConfig:
     client_dp_clip: float = 1.0
     client_dp_target_epsilon: float = 0.0
     denoise_stddev: float = 0.0
+    # PGD adversarial training inside local DP-SGD (shared/training.py, docs/ROBUSTNESS.md): each sampled
+    # example is replaced by the worst point of its own L-infinity ball of this radius in the model's
+    # input space (images clamped to [0, 1]; tables unclamped), found in this many steps, and trained to
+    # reconstruct the perturbed example ("perturbed", measured better) or the clean one ("clean"). 0: off.
+    # No privacy cost.
+    adversarial_training_epsilon: float = 0.0
+    adversarial_training_steps: int = 5
+    adversarial_training_target: str = "perturbed"
     anomaly_score: str = "max-standardized"
     threshold_rule: str = "percentile"
     threshold_percentile: float = 95.0
@@ -212,6 +221,7 @@ class FedaeConfig:
         _choice("sampling", self.sampling, SAMPLINGS)
         _choice("client-dp", self.client_dp, CLIENT_DP)
         _choice("attack", self.attack, ATTACKS)
+        _choice("adversarial-training-target", self.adversarial_training_target, ADVERSARIAL_TARGETS)
         for name in (
             "num_server_rounds",
             "latent_dim",
@@ -219,6 +229,7 @@ class FedaeConfig:
             "batch_size",
             "num_clients",
             "rows_per_site",
+            "adversarial_training_steps",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_key(name)} must be >= 1, got {getattr(self, name)}")
@@ -253,6 +264,7 @@ class FedaeConfig:
             "client_dp_target_epsilon",
             "l2_norm_clip",
             "denoise_stddev",
+            "adversarial_training_epsilon",
             "proximal_mu",
             "max_update_norm",
             "clip_update_norm",
@@ -292,6 +304,12 @@ class FedaeConfig:
             raise ConfigError(
                 f"partition {self.partition!r} re-splits pooled data; deployed sites each keep their own "
                 "data-file, so only partition 'natural' applies"
+            )
+        if self.adversarial_training_epsilon > 0 and self.denoise_stddev > 0:
+            raise ConfigError(
+                f"adversarial-training-epsilon ({self.adversarial_training_epsilon:g}) and denoise-stddev "
+                f"({self.denoise_stddev:g}) both replace the training input and cannot be combined; set "
+                "one of them to 0"
             )
         if self.model == "conv" and self.scenario in ("fleet", "wdbc"):
             raise ConfigError(f"model 'conv' needs image data; scenario {self.scenario!r} is tabular")

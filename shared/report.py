@@ -198,6 +198,15 @@ def robustness_lines(robustness: dict[str, Any]) -> list[str]:
             "attacked rows the clean detector got right)"
         )
 
+    def auc_said(worst: dict[str, Any], key: str) -> str:
+        row = worst.get(key)
+        if row is None:
+            return "not evaluated"
+        return (
+            f"{row['attack'].upper()} at {row['norm']} {row['epsilon']:g} takes the ROC-AUC from "
+            f"{clean['auc']:.3f} to {row['auc']:.3f}"
+        )
+
     white, scores_only = headline(robustness), headline(robustness, ("spsa",))
     queries = max((r["queries"] for r in robustness["evasion"] if r["attack"] == "spsa"), default=0)
     lines = [
@@ -212,6 +221,12 @@ def robustness_lines(robustness: dict[str, Any]) -> list[str]:
         "What an attacker can do. With the model's weights (white box), hiding anomalies: "
         f"{said(white, 'evade linf')}; {said(white, 'evade l2')}. Raising false alarms on normal rows: "
         f"{said(white, 'false-alarm linf')}; {said(white, 'false-alarm l2')}. "
+        + (
+            f"Both at once (`two-sided`: anomalies hidden and normal rows alarmed): "
+            f"{auc_said(white, 'two-sided linf')}; {auc_said(white, 'two-sided l2')}. "
+            if any(key.startswith("two-sided") for key in white)
+            else ""
+        )
         + (
             f"With scores only (a deployed detector, {queries} queries a row), hiding anomalies: "
             f"{said(scores_only, 'evade linf')}; raising false alarms: "

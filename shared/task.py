@@ -49,6 +49,9 @@ def train_settings(config: FedaeConfig, spec: DataSpec) -> TrainSettings:
         denoise_stddev=config.denoise_stddev,
         input_range=(0.0, 1.0) if spec.kind == "image" else None,
         sampling=config.sampling,
+        adversarial_epsilon=config.adversarial_training_epsilon,
+        adversarial_steps=config.adversarial_training_steps,
+        adversarial_target=config.adversarial_training_target,
     )
 
 

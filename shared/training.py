@@ -22,6 +22,10 @@ the clipped sum from the fast norms' own forward and backward pass instead of ru
 give the same clipped sum; only the speed differs. Batches are padded to a fixed size with zero-weight rows,
 so shapes never change and nothing retraces; zero-weight rows contribute exactly zero.
 
+Optional PGD adversarial training (``adversarial_epsilon > 0``) replaces each sampled example by a
+perturbation of it found inside the step, from that example and the current weights alone, before its
+gradient is clipped (``LocalTrainer._adversarial``): the mechanism and its accounting are unchanged.
+
 A trainer is built once per process and model configuration and reused across rounds and across the
 virtual clients a simulation worker serves (weights set, optimizer state reset, RNG reseeded per fit).
 """
@@ -53,13 +57,23 @@ from shared.data.errors import TrainingDataError
 from shared.models import ModelSpec, build_model, per_example_loss
 
 SAMPLINGS = ("poisson", "shuffle")
+# What an adversarially perturbed example x + delta is trained to reconstruct (``_inputs_and_targets``).
+ADVERSARIAL_TARGETS = ("clean", "perturbed")
 # Measured with benchmarks/dp_overhead.py on CPU (docs/BENCHMARKS.md): for the small conv autoencoder,
 # exact per-example gradients (vectorized_map) cost 1.7x a plain epoch, fast norms plus their second
 # backward pass 2.5x; for the dense models fast (there: book-kept) norms win by far (2.3x against 31x).
 # XLA speeds up the dense models and slows CPU convolutions, so it compiles dense and VAE steps only.
 FAST_NORMS_BY_KIND = {"dense": True, "vae": True, "conv": False}
 XLA_KINDS = ("dense", "vae")
-__all__ = ["SAMPLINGS", "FitResult", "LocalTrainer", "TrainSettings", "TrainingDataError", "get_trainer"]
+__all__ = [
+    "ADVERSARIAL_TARGETS",
+    "SAMPLINGS",
+    "FitResult",
+    "LocalTrainer",
+    "TrainSettings",
+    "TrainingDataError",
+    "get_trainer",
+]
 logger = logging.getLogger(f"fedae.{__name__}")
 
 
@@ -73,10 +87,37 @@ class TrainSettings:
     denoise_stddev: float = 0.0
     input_range: tuple[float, float] | None = None  # clamp noisy inputs (images) to this range
     sampling: str = "poisson"  # or "shuffle": fixed-size batches from a per-epoch permutation
+    # PGD adversarial training (``LocalTrainer._adversarial``): each sampled example is replaced by the
+    # point of its own L-infinity ball of this radius (model input space, clamped to ``input_range``)
+    # that maximises its own training loss, found in ``adversarial_steps`` signed-gradient steps from a
+    # random start; 0: off. ``adversarial_target``: what the perturbed example is trained to reconstruct.
+    adversarial_epsilon: float = 0.0
+    adversarial_steps: int = 5
+    adversarial_target: str = "perturbed"
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if not (self.adversarial_epsilon >= 0 and math.isfinite(self.adversarial_epsilon)):
+            raise ValueError(
+                f"adversarial_epsilon must be a finite number >= 0, got {self.adversarial_epsilon}"
+            )
+        if self.adversarial_steps < 1:
+            raise ValueError(f"adversarial_steps must be >= 1, got {self.adversarial_steps}")
+        if self.adversarial_target not in ADVERSARIAL_TARGETS:
+            raise ValueError(
+                f"adversarial_target must be one of {ADVERSARIAL_TARGETS}, got {self.adversarial_target!r}"
+            )
+        if self.adversarial_epsilon > 0 and self.denoise_stddev > 0:
+            # Both replace the input; which one the target would be clean of is ambiguous: refuse.
+            raise ValueError(
+                f"adversarial training (epsilon {self.adversarial_epsilon:g}) and denoising (stddev "
+                f"{self.denoise_stddev:g}) cannot be combined; set one of them to 0"
+            )
+
+    @property
+    def adversarial(self) -> bool:
+        return self.adversarial_epsilon > 0
 
     @property
     def dp(self) -> bool:
@@ -213,16 +254,67 @@ class LocalTrainer:
 
     # -- model inputs -------------------------------------------------------------------------------------
     def _inputs_and_targets(self, x: tf.Tensor) -> tuple[object, tf.Tensor]:
-        """Model inputs (noisy for the denoising option, plus VAE noise) and the clean targets."""
-        inputs = x
+        """Model inputs (noisy for the denoising option, adversarial for adversarial training, plus VAE
+        noise) and the targets (clean, or the perturbed inputs with ``adversarial_target="perturbed"``)."""
+        inputs, targets = x, x
         if self.settings.denoise_stddev > 0:
             inputs = x + self.noise_generator.normal(tf.shape(x), stddev=self.settings.denoise_stddev)
             if self.settings.input_range is not None:
                 inputs = tf.clip_by_value(inputs, *self.settings.input_range)
+        eps = None
         if self.spec.kind == "vae":
             eps = self.noise_generator.normal((tf.shape(x)[0], self.spec.latent_dim))
-            return [inputs, eps], x
-        return inputs, x
+        if self.settings.adversarial:
+            inputs = self._adversarial(x, eps)
+            if self.settings.adversarial_target == "perturbed":
+                targets = inputs
+        return ([inputs, eps] if eps is not None else inputs), targets
+
+    def _adversarial(self, x: tf.Tensor, eps: tf.Tensor | None) -> tf.Tensor:
+        """PGD (Madry et al. 2018) on each row's own training loss: a uniform random start in the
+        L-infinity ball of radius epsilon around the row, then ``adversarial_steps`` signed-gradient
+        steps of 2.5 epsilon / steps, each projected back into the ball and the valid input range.
+
+        DP: the loss is a sum of per-example losses and the models have no batch statistics, so row i's
+        gradient, and with it its perturbation, depends on x_i, its own random start and the current
+        weights only (the received model and this fit's earlier noisy steps, on which adaptive
+        composition already lets every step depend). The clipped gradient of the perturbed example is
+        then still a function of that one example, with norm at most C; sampling, steps and noise are
+        untouched, and the accountant's event is the same.
+
+        Targets. The detector scores the residual x~ - f(x~) of whatever row x~ it is given.
+        ``"perturbed"`` (the default) trains f(x + delta) ~ x + delta: the min-max of that very score
+        over the ball of each normal example, so the model learns to carry a small perturbation through
+        to its output and leave it out of the residual, which is what a false-alarm attacker exploits
+        (an anomaly pushed to evade gains from that too, but the anomaly's own residual stays).
+        ``"clean"`` trains f(x + delta) ~ x, a denoiser: it removes delta from the output and so puts
+        all of it into the residual, on purpose. Measured on digits (benchmarks/adversarial_training.py,
+        paired seeds), "clean" lowered both the clean and the PGD AUC of the dense model; "perturbed"
+        raised both (little under DP noise).
+        docs/ROBUSTNESS.md has the figures."""
+        epsilon = self.settings.adversarial_epsilon
+        steps = self.settings.adversarial_steps
+        step_size = 2.5 * epsilon / steps  # reaches the ball's edge from anywhere within it (Madry et al.)
+
+        def project(point: tf.Tensor) -> tf.Tensor:
+            point = tf.clip_by_value(point, x - epsilon, x + epsilon)
+            if self.settings.input_range is not None:
+                point = tf.clip_by_value(point, *self.settings.input_range)
+            return point
+
+        # The random start comes from the model's input stream, row by row: it couples no two rows.
+        adversarial = project(x + self.noise_generator.uniform(tf.shape(x), -epsilon, epsilon))
+        for _ in range(steps):  # unrolled: a few steps, and XLA compiles a fixed graph
+            with tf.GradientTape() as tape:
+                tape.watch(adversarial)
+                model_in = [adversarial, eps] if eps is not None else adversarial
+                target = x if self.settings.adversarial_target == "clean" else adversarial
+                # The sum's gradient w.r.t. row i is row i's own loss gradient (no row sees another).
+                loss = tf.reduce_sum(self.loss_fn(target, self.model(model_in, training=False)))
+            gradient = tape.gradient(loss, adversarial)
+            adversarial = project(adversarial + step_size * tf.sign(gradient))
+        # A fixed input for the weight gradient that follows (Danskin): no path back through the search.
+        return tf.stop_gradient(adversarial)
 
     # -- DP-SGD ---------------------------------------------------------------------------------------------
     def _clipped_sum_impl(self, x_all: tf.Tensor, idx: tf.Tensor, weights: tf.Tensor):

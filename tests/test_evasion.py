@@ -154,8 +154,9 @@ def test_the_run_evaluation_covers_every_setting_and_reports_clean_figures_on_it
     )
     section = robustness.evaluate(target, x, y, config, "tabular")
     assert section["rows"] == 100 and section["anomalous_rows"] == 50
-    # 2 directions x (3 white-box-or-random attacks x 3 budgets + SPSA x 2 L-infinity budgets)
-    assert len(section["evasion"]) == 2 * (3 * 3 + 2)
+    # 2 directions and the two-sided rows derived from them x (3 white-box-or-random attacks x 3
+    # budgets + SPSA x 2 L-infinity budgets)
+    assert len(section["evasion"]) == 3 * (3 * 3 + 2)
     keys = {
         "attack",
         "norm",
@@ -195,7 +196,57 @@ def test_the_report_says_what_an_attacker_can_do(detector, tmp_path) -> None:
     assert re.search(
         r"With scores only .* raising false alarms: SPSA at linf 0\.1 takes the false alarm", text
     )
-    assert "With scores only" in text and text.count("| pgd |") == 4
+    assert re.search(r"Both at once .*: (FGSM|PGD) at linf 0\.1 takes the ROC-AUC from", text)
+    assert "With scores only" in text and text.count("| pgd |") == 6  # evade, false-alarm, two-sided x 2
+
+
+def test_two_sided_rows_combine_the_evade_and_false_alarm_runs_at_no_extra_attack(
+    detector, monkeypatch
+) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from shared import robustness
+    from shared.config import FedaeConfig
+
+    # Prepare: one budget, so each direction runs each attack once.
+    target, x, y = detector
+    config = FedaeConfig(robustness_linf_epsilons="0.1", robustness_l2_epsilons="", robustness_rows=80)
+    calls = []
+    original = evasion.attack_rows
+
+    def counting(*args, **kwargs):
+        calls.append(args[2:6])
+        return original(*args, **kwargs)
+
+    # Execute
+    monkeypatch.setattr(evasion, "attack_rows", counting)
+    section = robustness.evaluate(target, x, y, config, "tabular")
+    monkeypatch.undo()
+    # Assert: no attack ran for the two-sided rows, and each equals the metrics of the anomalies' scores
+    # under the evade attack with the normal rows' under the false-alarm attack.
+    attacks = [c for c in calls if c[2] > 0]  # not the clean figures' budget-0 call
+    assert len(attacks) == len(set(attacks)) == 2 * 4  # (random, fgsm, pgd, spsa) x 2 directions
+    sample = robustness.sample_rows(y, 80, config.seed)
+    xs, ys = x[sample], y[sample]
+    two_sided = [r for r in section["evasion"] if r["direction"] == "two-sided"]
+    assert sorted(r["attack"] for r in two_sided) == ["fgsm", "pgd", "random", "spsa"]
+    for row in two_sided:
+        options = {"query_budget": config.robustness_queries} if row["attack"] == "spsa" else {}
+        by_direction = {
+            direction: evasion.attacked_scores(
+                target, xs, ys, row["attack"], "linf", 0.1, direction, config.seed, **options
+            )[0]
+            for direction in evasion.DIRECTIONS
+        }
+        scores = np.where(ys == 1, by_direction["evade"], by_direction["false-alarm"])
+        assert row["auc"] == pytest.approx(roc_auc_score(ys, scores), abs=1e-12)
+        assert row["detection_rate"] == pytest.approx(np.mean(scores[ys == 1] > target.threshold))
+        assert row["false_alarm_rate"] == pytest.approx(np.mean(scores[ys == 0] > target.threshold))
+        if row["attack"] == "pgd":
+            # PGD keeps each row's best point (never better for the detector than clean), so attacking
+            # both classes never leaves the ranking better than attacking either alone.
+            one_sided = [r["auc"] for r in section["evasion"] if r["attack"] == "pgd"]
+            assert row["auc"] <= min(one_sided) + 1e-12
 
 
 def test_fedae_robustness_attacks_a_bundle_with_a_test_file(detector, tmp_path) -> None:
@@ -231,7 +282,8 @@ def test_fedae_robustness_attacks_a_bundle_with_a_test_file(detector, tmp_path) 
     done = robustness(str(bundle), "--test", str(test), "--json", "--run-config", settings)
     assert done.returncode == 0, done.stderr[-2000:]
     section = json.loads(done.stdout)
-    assert section["rows"] == 60 and len(section["evasion"]) == 2 * 3 * 2
+    # (evade, false-alarm, two-sided) x (random, fgsm, pgd) x (linf, l2)
+    assert section["rows"] == 60 and len(section["evasion"]) == 3 * 3 * 2
     assert section["valid_range"] == "each feature's range over the test file's normal rows"
     assert robustness(str(bundle), "--run-config", settings).returncode == 2  # a bundle needs --test
     refused = robustness(str(bundle), "--test", str(test), "--run-config", "epochs=3")

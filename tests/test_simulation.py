@@ -88,7 +88,9 @@ def test_two_clients_two_rounds_with_dp_end_to_end(tmp_path) -> None:
         assert (out / name).stat().st_size > 0
     # The run ends with the robustness evaluation of the exported detector.
     robustness = summary["robustness"]
-    assert robustness["enabled"] and len(robustness["evasion"]) == 2 * (3 * 6 + 3)
+    assert robustness["enabled"] and len(robustness["evasion"]) == 3 * (
+        3 * 6 + 3
+    )  # evade, false-alarm, two-sided
     assert {r["attack"] for r in robustness["evasion"]} == {"random", "fgsm", "pgd", "spsa"}
     assert "## Adversarial robustness" in (out / "report.md").read_text()
     assert json.loads((out / "summary.json").read_text())["num_clients"] == 2

@@ -291,6 +291,48 @@ def attack_rows(
     raise ValueError(f"attack must be fgsm, pgd, random or spsa, got {attack!r}")
 
 
+def attacked_scores(
+    target: Target,
+    x: np.ndarray,
+    y: np.ndarray,
+    attack: str,
+    norm: str,
+    epsilon: float,
+    direction: str,
+    seed: int = 0,
+    **options: int,
+) -> tuple[np.ndarray, int]:
+    """The detector's scores after ``attack`` perturbed the rows the direction targets (anomalies to
+    evade, normal rows for false alarms; the others stay clean), and the score queries used per row."""
+    targeted = np.asarray(y) == (1 if direction == "evade" else 0)
+    perturbed = x.copy()
+    queries = 0
+    if targeted.any():
+        perturbed[targeted], queries = attack_rows(
+            target, x[targeted], attack, norm, epsilon, direction, seed, **options
+        )
+    return target.score(perturbed), int(queries)
+
+
+def score_metrics(
+    y: np.ndarray, scores: np.ndarray, clean_scores: np.ndarray, threshold: float, attacked: np.ndarray
+) -> dict[str, float]:
+    """ROC-AUC, detection rate (recall on anomalies at the threshold), false-alarm rate, and the success
+    rate: of the ``attacked`` rows the clean detector got right, the fraction it now gets wrong."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y)
+    flagged, clean_flagged = scores > threshold, clean_scores > threshold
+    right_before = attacked & (clean_flagged == (y == 1))
+    wrong_now = flagged != (y == 1)
+    return {
+        "auc": float(roc_auc_score(y, scores)),
+        "detection_rate": float(flagged[y == 1].mean()),
+        "false_alarm_rate": float(flagged[y == 0].mean()),
+        "success_rate": float(wrong_now[right_before].mean()) if right_before.any() else 0.0,
+    }
+
+
 def evasion_metrics(
     target: Target,
     x: np.ndarray,
@@ -304,33 +346,34 @@ def evasion_metrics(
     **options: int,
 ) -> dict[str, object]:
     """Attack the rows the direction targets (anomalies to evade, normal rows for false alarms), leave the
-    others clean, and measure the detector on the whole set: ROC-AUC, detection rate (recall on
-    anomalies at the threshold), false-alarm rate, and the attack's success rate (of the targeted rows
-    the clean detector got right, the fraction it now gets wrong)."""
-    from sklearn.metrics import roc_auc_score
+    others clean, and measure the detector on the whole set (``score_metrics``)."""
+    return evasion_row(target, x, y, attack, norm, epsilon, direction, seed, clean_scores, **options)[0]
 
+
+def evasion_row(
+    target: Target,
+    x: np.ndarray,
+    y: np.ndarray,
+    attack: str,
+    norm: str,
+    epsilon: float,
+    direction: str,
+    seed: int = 0,
+    clean_scores: np.ndarray | None = None,
+    **options: int,
+) -> tuple[dict[str, object], np.ndarray]:
+    """``evasion_metrics``' row and the attacked scores it was computed from."""
     y = np.asarray(y)
-    targeted = y == (1 if direction == "evade" else 0)
     clean_scores = target.score(x) if clean_scores is None else clean_scores
-    perturbed = x.copy()
-    queries = 0
-    if targeted.any():
-        perturbed[targeted], queries = attack_rows(
-            target, x[targeted], attack, norm, epsilon, direction, seed, **options
-        )
-    scores = target.score(perturbed)
-    flagged, clean_flagged = scores > target.threshold, clean_scores > target.threshold
-    right_before = targeted & (clean_flagged == (y == 1))
-    wrong_now = flagged != (y == 1)
-    return {
+    _sign(direction)  # refuse an unknown direction before attacking anything
+    scores, queries = attacked_scores(target, x, y, attack, norm, epsilon, direction, seed, **options)
+    targeted = y == (1 if direction == "evade" else 0)
+    row: dict[str, object] = {
         "attack": attack,
         "norm": norm,
         "epsilon": float(epsilon),
         "direction": direction,
-        "auc": float(roc_auc_score(y, scores)),
-        "detection_rate": float(flagged[y == 1].mean()),
-        "false_alarm_rate": float(flagged[y == 0].mean()),
-        "success_rate": float(wrong_now[right_before].mean()) if right_before.any() else 0.0,
-        "queries": int(queries),
-        "rows_attacked": int(targeted.sum()),
     }
+    row.update(score_metrics(y, scores, clean_scores, target.threshold, targeted))
+    row.update({"queries": queries, "rows_attacked": int(targeted.sum())})
+    return row, scores
