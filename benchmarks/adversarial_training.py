@@ -9,9 +9,9 @@ models are averaged weighted by example count, and the round with the lowest cal
 robustness evaluation (``shared.robustness.evaluate``), whose ``two-sided`` rows give the robust AUC.
 
 Why not ``fedae simulate``: its initial weights and DP noise are drawn fresh each run, as they must be
-in use, and on digits two runs of one dense config gave test AUC 0.94 and 0.85 and two-sided PGD AUC
-0.58 and 0.01 (docs/ROBUSTNESS.md); only a paired comparison separates the method from the
-draw. The fixed seeds here are for measuring only: DP noise an attacker can regenerate protects nothing.
+in use, and single runs of one setting spread widely (the seeds' ranges in docs/ROBUSTNESS.md); only a
+paired comparison separates the method from the draw. The fixed seeds here are for measuring only: DP
+noise an attacker can regenerate protects nothing.
 
     uv run python -m benchmarks.adversarial_training [--scenario digits] [--run-config "key=value ..."]
         [--epsilons 0 0.05] [--seeds 0 1 2] [--rounds 10] [--timing-repeats 20]

@@ -30,6 +30,7 @@ SAMPLINGS = ("poisson", "shuffle")  # shared.training.SAMPLINGS, checked by a te
 ADVERSARIAL_TARGETS = ("clean", "perturbed")  # shared.training.ADVERSARIAL_TARGETS, checked by a test
 CLIENT_DP = ("none", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 AUTO = "auto"
+MAX_ADVERSARIAL_STEPS = 50
 SPSA_MIN_QUERIES = 34  # one step of shared.attacks.evasion.spsa: 16 probe pairs, and two more scores
 
 
@@ -102,7 +103,7 @@ class FedaeConfig:
     # example is replaced by the worst point of its own L-infinity ball of this radius in the model's
     # input space (images clamped to [0, 1]; tables unclamped), found in this many steps, and trained to
     # reconstruct the perturbed example ("perturbed", measured better) or the clean one ("clean"). 0: off.
-    # No privacy cost.
+    # No privacy cost. The rounds' train-loss is then the loss at the perturbed points.
     adversarial_training_epsilon: float = 0.0
     adversarial_training_steps: int = 5
     adversarial_training_target: str = "perturbed"
@@ -233,6 +234,13 @@ class FedaeConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_key(name)} must be >= 1, got {getattr(self, name)}")
+        if self.adversarial_training_steps > MAX_ADVERSARIAL_STEPS:
+            # The steps are unrolled in the compiled (XLA) training step: its size and compile time grow
+            # with them, and past a few dozen a PGD search gains nothing.
+            raise ConfigError(
+                f"adversarial-training-steps must be at most {MAX_ADVERSARIAL_STEPS}, got "
+                f"{self.adversarial_training_steps}"
+            )
         if self.min_available_clients < 1:
             raise ConfigError(f"min-available-clients must be >= 1, got {self.min_available_clients}")
         for name in ("fraction_train", "fraction_evaluate"):

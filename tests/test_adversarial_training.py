@@ -333,3 +333,41 @@ def test_the_compiled_xla_step_perturbs_as_the_eager_one(spec, rng) -> None:
     scale = np.abs(sums["eager"]).max()
     np.testing.assert_allclose(sums["compiled"], sums["eager"], rtol=1e-4, atol=1e-6 * scale)
     assert np.linalg.norm(sums["without"] - sums["eager"]) > 0.1 * np.linalg.norm(sums["eager"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "fast"),
+    [(DENSE, None), (DENSE, False), (VAE, None), (CONV, None), (CONV, True)],
+    ids=["dense-bookkept-xla", "dense-per-example", "vae-bookkept-xla", "conv-per-example", "conv-fast"],
+)
+def test_the_compiled_step_gives_one_row_the_same_clipped_contribution_whatever_else_is_sampled(
+    spec, fast, rng
+) -> None:
+    """The compiled clipped sum, real random starts: a row's contribution (weight on it alone) does not
+    change when every other row, the padding's source or the batch's padded size changes; it stays within
+    the bound; and it is not the contribution without adversarial training (the perturbation is used)."""
+    clip = 0.5
+    trainer = LocalTrainer(spec, _settings(spec, clip=clip), fast_norms=fast)
+    plain = LocalTrainer(spec, _settings(spec, clip=clip, adversarial_epsilon=0.0), fast_norms=fast)
+    plain.set_weights(trainer.get_weights())
+    x = _data(spec, 30, rng)
+
+    def contribution(model: LocalTrainer, data: np.ndarray, chunk: list[int]) -> list[np.ndarray]:
+        idx, weights = model._padded(np.array(chunk))
+        only = np.zeros(len(weights), np.float32)
+        only[2] = 1.0  # row 4 of the data, at position 2
+        model._reseed(5)
+        return [g.numpy() for g in model._clipped_sum(tf.constant(data), idx, tf.constant(only))[0]]
+
+    alone = contribution(trainer, x, [3, 1, 4, 15, 9])
+    others = x.copy()
+    others[[0, 1, 3, 9, 15]] = _data(spec, 5, rng)  # every other row and the padding's source
+    for changed in (
+        contribution(trainer, others, [3, 1, 4, 15, 9]),
+        contribution(trainer, x, [3, 1, 4, 15, 9, 20, 21, 22, 23, 24]),  # a larger padded batch
+    ):
+        for a, b in zip(alone, changed, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert _norm(alone) <= clip * (1 + 1e-4)
+    unperturbed = contribution(plain, x, [3, 1, 4, 15, 9])
+    assert max(float(np.abs(a - u).max()) for a, u in zip(alone, unperturbed, strict=True)) > 1e-6

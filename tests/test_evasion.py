@@ -316,3 +316,22 @@ def test_bad_robustness_settings_are_refused(settings: dict, needle: str) -> Non
     with pytest.raises(ConfigError) as error:
         FedaeConfig().with_overrides(settings)
     assert needle in str(error.value)
+
+
+def test_the_headline_takes_the_lowest_two_sided_auc_and_the_most_flipped_one_sided_rows() -> None:
+    from shared.robustness import headline
+
+    def row(attack: str, direction: str, auc: float, success: float) -> dict:
+        metrics = {"auc": auc, "success_rate": success}
+        return {"attack": attack, "norm": "linf", "epsilon": 0.1, "direction": direction, **metrics}
+
+    section = {
+        "evasion": [
+            row("fgsm", "two-sided", 0.40, 0.9),  # flips more rows
+            row("pgd", "two-sided", 0.20, 0.8),  # but PGD leaves the worse ranking
+            row("fgsm", "evade", 0.70, 0.3),
+            row("pgd", "evade", 0.75, 0.5),
+        ]
+    }
+    worst = headline(section)
+    assert worst["two-sided linf"]["attack"] == "pgd" and worst["evade linf"]["attack"] == "pgd"
