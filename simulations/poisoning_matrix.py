@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -106,7 +107,7 @@ def run_cell(cell: Cell, overrides: dict[str, Any], out: Path) -> dict[str, Any]
     wanted = json.loads(json.dumps(overrides, default=str))
     if result_path.exists():
         result = json.loads(result_path.read_text())
-        if result.get("run_config") == wanted:
+        if _same_settings(result.get("run_config", {}), wanted):
             # Done before with these settings: only the final model's metrics are taken again
             # (seconds), so they always follow this code's definitions.
             if (run_dir / "checkpoint.npz").exists():
@@ -114,6 +115,7 @@ def run_cell(cell: Cell, overrides: dict[str, Any], out: Path) -> dict[str, Any]
                 result_path.write_text(json.dumps(result, indent=2))
             return result
         logger.info("cell %s: settings changed since its last run; running it again", cell.name)
+        shutil.rmtree(run_dir, ignore_errors=True)  # a new run, not a resumption of the old one
     result: dict[str, Any] = {"attack": cell.attack, "defence": cell.defence, "fraction": cell.fraction}
     result["run_config"] = wanted
     cell_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +155,18 @@ def run_cell(cell: Cell, overrides: dict[str, Any], out: Path) -> dict[str, Any]
         result |= final_model_metrics(run_dir)
     result_path.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _same_settings(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether two cells' overrides make the same run (``4`` and ``"4"`` alike, as the config parses
+    them)."""
+    try:
+        return (
+            FedaeConfig().with_overrides(saved).to_run_config()
+            == FedaeConfig().with_overrides(wanted).to_run_config()
+        )
+    except ConfigError:
+        return saved == wanted
 
 
 def final_model_metrics(run_dir: Path) -> dict[str, float]:
