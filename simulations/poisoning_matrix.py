@@ -244,6 +244,31 @@ def run_matrix(
     return results
 
 
+def collected_results(out: Path) -> list[dict[str, Any]]:
+    """Every cell's result in ``out`` (from any number of matrix runs), written out as one matrix:
+    attacks and defences in the defaults' order, others after them."""
+    results = [json.loads(path.read_text()) for path in sorted(out.glob("cells/*/result.json"))]
+    clean = [r for r in results if r["attack"] == "none" and r["defence"] == "fedavg" and not r.get("failed")]
+    if not clean:
+        return []
+    attack_order = [a.partition(":")[0] for a in ATTACKS.split(",")]
+    defence_order = DEFENCES.split(",")
+
+    def key(r: dict[str, Any]) -> tuple:
+        name, defence = r["attack"], r["defence"]
+        base, _, parameter = name.partition(":")
+        return (
+            attack_order.index(base) if base in attack_order else len(attack_order),
+            float(parameter or 0),
+            defence_order.index(defence) if defence in defence_order else len(defence_order),
+            r["fraction"],
+        )
+
+    results.sort(key=key)
+    write_outputs(out, results, round(clean[0]["max_update_norm"], 4))
+    return results
+
+
 def _cell_text(result: dict[str, Any] | None, clean: dict[str, Any]) -> str:
     if result is None:
         return ""
@@ -374,8 +399,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--defences", default=DEFENCES, help=f"comma-separated (default {DEFENCES})")
     parser.add_argument("--fractions", default="0.2", help="fractions of malicious clients (default 0.2)")
     parser.add_argument("--run-config", default="", help="overrides of the base settings, key=value ...")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write the table and plot from every cell already in --out",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.report_only:
+        results = collected_results(args.out)
+        if not results:
+            print(f"error: no cells in {args.out}", file=sys.stderr)
+            return 2
+        print((args.out / "matrix.md").read_text())
+        return 0
     try:
         fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
         base = {**BASE, **parse_key_values(args.run_config)}

@@ -442,3 +442,22 @@ def test_a_matrix_cell_the_config_refuses_is_not_applicable_and_not_run(tmp_path
     result = poisoning_matrix.run_cell(cell, overrides, tmp_path)
     assert result["not_applicable"] and "at least 23 clients per round" in result["reason"]
     assert not (tmp_path / "cells" / cell.name / "run").exists()
+
+
+def test_the_report_only_matrix_gathers_every_cell_on_disk_in_order(tmp_path: Path) -> None:
+    def write(name: str, **fields: object) -> None:
+        path = tmp_path / "cells" / name / "result.json"
+        path.parent.mkdir(parents=True)
+        base = {"failed": False, "final_auc": 0.9, "normal_loss": 0.01, "backdoor_success": 0.0}
+        path.write_text(json.dumps({**base, **fields}))
+
+    write("a", attack="backdoor:10", defence="fedmedian", fraction=0.2)
+    write("b", attack="backdoor:3", defence="fedavg", fraction=0.2)
+    write("c", attack="none", defence="fedavg", fraction=0.0, max_update_norm=3.21)
+    write("d", attack="scale:10", defence="fedavg", fraction=0.2)
+    assert poisoning_matrix.main(["--out", str(tmp_path), "--report-only"]) == 0
+    table = (tmp_path / "matrix.md").read_text()
+    rows = [line.split(" |")[0] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["| attack", "| none", "| scale:10", "| backdoor:3", "| backdoor:10"]
+    assert "norm-bound clips at 3.21" in table
+    assert json.loads((tmp_path / "matrix.json").read_text())["norm_bound"] == 3.21
