@@ -83,16 +83,23 @@ def attack_overrides(attack: str, fraction: float) -> dict[str, Any]:
     return overrides
 
 
-def defence_overrides(defence: str, malicious: int, norm_bound: float | None) -> dict[str, Any]:
+def defence_overrides(
+    defence: str, malicious: int, norm_bound: float | None, num_clients: int = 15
+) -> dict[str, Any]:
     """Run-config keys for ``defence``; robust rules are told the true number of attackers (the usual,
-    generous assumption), and ``norm-bound`` is FedAvg with clip-update-norm at ``norm_bound``."""
+    generous assumption): Krum, MultiKrum and Bulyan as f, the trimmed mean as a trim of at least that
+    many at each end (its default 20 % where that is enough); ``norm-bound`` is FedAvg with
+    clip-update-norm at ``norm_bound``."""
     if defence not in DEFENCE_NAMES:
         raise ConfigError(f"unknown defence {defence!r}; known: {', '.join(DEFENCE_NAMES)}")
     if defence == "norm-bound":
         if norm_bound is None:
             raise ConfigError("the norm-bound defence needs the clean FedAvg cell's update norms first")
         return {"strategy": "fedavg", "clip-update-norm": norm_bound}
-    return {"strategy": defence, "num-malicious-nodes": max(1, malicious)}
+    overrides: dict[str, Any] = {"strategy": defence, "num-malicious-nodes": max(1, malicious)}
+    if defence == "fedtrimmedavg" and int(FedaeConfig().trim_beta * num_clients) < malicious:
+        overrides["trim-beta"] = round((malicious + 0.5) / num_clients, 4)  # Flower trims int(beta * n)
+    return overrides
 
 
 CELL_TIMEOUT_S = 3600  # a cell that hangs is recorded as failed, the matrix goes on
@@ -236,7 +243,7 @@ def run_matrix(
                     continue  # the clean cell does not depend on the fraction
                 overrides = {
                     **base,
-                    **defence_overrides(defence, malicious, norm_bound),
+                    **defence_overrides(defence, malicious, norm_bound, num_clients),
                     **attack_overrides(attack, fraction),
                 }
                 results.append(run_cell(cell, overrides, out))

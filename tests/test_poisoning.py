@@ -295,6 +295,10 @@ def test_matrix_cells_map_to_run_config_keys() -> None:
         "clip-update-norm": 1.5,
     }
     assert poisoning_matrix.defence_overrides("krum", 3, None)["num-malicious-nodes"] == 3
+    # The trimmed mean trims at least as many as attack: its default 20 % covers 3 of 15, not 5.
+    assert "trim-beta" not in poisoning_matrix.defence_overrides("fedtrimmedavg", 3, None, 15)
+    beta = poisoning_matrix.defence_overrides("fedtrimmedavg", 5, None, 15)["trim-beta"]
+    assert int(beta * 15) == 5
     with pytest.raises(ConfigError, match="bribe"):
         poisoning_matrix.attack_overrides("bribe", 0.2)
     with pytest.raises(ConfigError, match="number"):
