@@ -5,6 +5,7 @@ The ClientApp and ServerApp translate Flower messages to and from these function
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -272,8 +273,7 @@ def train_client(
     rng = np.random.default_rng([config.seed, client_id, server_round, 0xA77])
     if attack == "backdoor":
         trigger = poisoning.make_trigger(spec.kind, spec.input_shape, scaler.model_input_shape, config.seed)
-        server = load_server_data(config)  # a simulation: the attacker's anomalies come from the test pool
-        held = scaler.transform(poisoning.attacker_anomalies(server.x_test, server.y_test))
+        held = scaler.transform(_attacker_anomalies(config))
         x_train = poisoning.backdoor_rows(x_train, held, trigger, rng)
     fit_started = time.perf_counter()
     result = trainer.fit(x_train, epochs=config.local_epochs, noise_multiplier=sigma, proximal_mu=mu)
@@ -298,6 +298,14 @@ def train_client(
     if charged is not None:
         _keep(ledger, run_id, server_round, received, weights, result.num_examples, result.loss)
     return TrainOutcome(weights, result.num_examples, result.loss, event, epsilon, fit_seconds)
+
+
+@functools.lru_cache(maxsize=1)
+def _attacker_anomalies(config: FedaeConfig) -> np.ndarray:
+    """A simulated backdoor attacker's anomalies (half the test pool's), built once per process: the
+    fleet's test data takes seconds to generate, and the attacker trains in every round."""
+    server = load_server_data(config)
+    return poisoning.attacker_anomalies(server.x_test, server.y_test)
 
 
 def _attack(config: FedaeConfig, client_id: int, site: SiteData | None = None) -> str:
