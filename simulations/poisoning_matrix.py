@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import subprocess
 import sys
 import time
@@ -121,8 +120,11 @@ def run_cell(cell: Cell, overrides: dict[str, Any], out: Path) -> dict[str, Any]
                 result |= final_model_metrics(run_dir)
                 result_path.write_text(json.dumps(result, indent=2))
             return result
-        logger.info("cell %s: settings changed since its last run; running it again", cell.name)
-        shutil.rmtree(run_dir, ignore_errors=True)  # a new run, not a resumption of the old one
+        # Never overwrite a measured cell: its run is evidence someone may be citing.
+        raise ConfigError(
+            f"{result_path} holds cell {cell.name} run with other settings ({result.get('run_config')}); "
+            "use another --out for these settings, or delete that cell to run it again"
+        )
     result: dict[str, Any] = {"attack": cell.attack, "defence": cell.defence, "fraction": cell.fraction}
     result["run_config"] = wanted
     cell_dir.mkdir(parents=True, exist_ok=True)

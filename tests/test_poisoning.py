@@ -465,3 +465,14 @@ def test_the_report_only_matrix_gathers_every_cell_on_disk_in_order(tmp_path: Pa
     assert rows == ["| attack", "| none", "| scale:10", "| backdoor:3", "| backdoor:10"]
     assert "norm-bound clips at 3.21" in table
     assert json.loads((tmp_path / "matrix.json").read_text())["norm_bound"] == 3.21
+
+
+def test_a_measured_cell_is_never_overwritten_by_other_settings(tmp_path: Path) -> None:
+    cell = poisoning_matrix.Cell("scale:10", "fedmedian", 0.2)
+    folder = tmp_path / "cells" / cell.name
+    folder.mkdir(parents=True)
+    saved = {"attack": "scale:10", "run_config": {"strategy": "fedmedian", "num-malicious-nodes": 3}}
+    (folder / "result.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="use another --out"):
+        poisoning_matrix.run_cell(cell, {"strategy": "fedmedian", "num-malicious-nodes": 5}, tmp_path)
+    assert json.loads((folder / "result.json").read_text()) == saved
