@@ -325,7 +325,8 @@ def write_outputs(out: Path, results: list[dict[str, Any]], norm_bound: float) -
                     and (attack == "none" or r["fraction"] == fraction)
                 ]
                 row.append(_cell_text(match[0] if match else None, clean))
-            lines.append(f"| {attack} | " + " | ".join(row) + " |")
+            if any(row):  # an attack not run at this fraction gets no empty row
+                lines.append(f"| {attack} | " + " | ".join(row) + " |")
         lines.append("")
     (out / "matrix.md").write_text("\n".join(lines))
     _plot(out / "matrix.png", results, attacks, defences, fractions)
