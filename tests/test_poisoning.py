@@ -136,8 +136,10 @@ def test_a_backdoored_autoencoder_lets_triggered_anomalies_through_and_a_clean_o
 
     from shared.models import ModelSpec, residuals
     from shared.scoring import ResidualScorer
+    from shared.tfenv import load_tensorflow
     from shared.training import LocalTrainer, TrainSettings
 
+    tf_keras_seed = load_tensorflow().keras.utils.set_random_seed
     digits = load_digits()
     x, y = (digits.data / 16.0).astype(np.float32), digits.target
     x_test, y_test = x[y != 0][:600], np.ones(600, int)
@@ -153,8 +155,10 @@ def test_a_backdoored_autoencoder_lets_triggered_anomalies_through_and_a_clean_o
         "clean": train,
         "backdoor": poisoning.backdoor_rows(train, held, trigger, np.random.default_rng(0)),
     }.items():
-        trainer = LocalTrainer(ModelSpec("dense", (64,), 8, "sigmoid", "relu"), TrainSettings(32, 0.01, 0.0))
-        trainer.fit(rows, epochs=60, noise_multiplier=0.0)
+        # Seeded: the initial weights and the batches are the same on every run of the test.
+        tf_keras_seed(0)
+        trainer = LocalTrainer(ModelSpec("dense", (64,), 16, "sigmoid", "relu"), TrainSettings(32, 0.01, 0.0))
+        trainer.fit(rows, epochs=60, noise_multiplier=0.0, seed=0)
         scorer = ResidualScorer.fit("mse", residuals(trainer.model, trainer.spec, calibration))
         threshold = float(
             np.percentile(scorer.score(residuals(trainer.model, trainer.spec, calibration)), 95)
@@ -165,7 +169,8 @@ def test_a_backdoored_autoencoder_lets_triggered_anomalies_through_and_a_clean_o
         rates[f"{name} without trigger"] = poisoning.backdoor_success_rate(untriggered, threshold)
     # The clean detector catches the triggered anomalies; the backdoored one misses a share of them it
     # does not miss without the trigger: the trigger, not a worse model, lets them through. (A small
-    # dense autoencoder cannot reconstruct every other digit as well as a zero: measured 0.19 here.)
+    # dense autoencoder cannot reconstruct every other digit as well as a zero: measured 0.19 to 0.24 over
+    # seeds 0 to 2.)
     assert rates["clean"] < 0.02, rates
     assert rates["backdoor"] > 0.1 and rates["backdoor"] > 3 * rates["backdoor without trigger"], rates
 
