@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import (
 )
 
 from server import client_dp
-from shared.config import FedaeConfig, clients_per_round
+from shared.config import FedaeConfig, clients_per_round, rule_minimum
 from shared.privacy import REFUSAL_CODES
 from shared.setup import UNIT_WEIGHT
 from shared.updates import check_update, clip_update
@@ -155,13 +155,6 @@ def _base_strategy(config: FedaeConfig, sampled: int) -> tuple[type[Strategy], d
         ),
         "bulyan": (Bulyan, {"num_malicious_nodes": f}),
     }[config.strategy]
-
-
-def rule_minimum(config: FedaeConfig) -> int:
-    """The fewest updates the configured rule is defined for: Krum and MultiKrum score each update by its
-    n - f - 2 nearest neighbours (n >= 2f + 3), Bulyan needs n >= 4f + 3."""
-    f = config.num_malicious_nodes
-    return {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(config.strategy, 1)
 
 
 def build_strategy(
@@ -418,7 +411,7 @@ class RoundGuard:
         if check.accepted:
             if self.clip_update_norm > 0 and check.norm is not None and check.norm > self.clip_update_norm:
                 clipped = clip_update(self._sent_arrays, returned, check.norm, self.clip_update_norm)
-                reply.content["arrays"] = _like_keys(reply.content["arrays"], clipped)
+                reply.content["arrays"] = with_keys_of(reply.content["arrays"], clipped)
                 if self.recorder is not None:
                     self.recorder.clipped[server_round].append(client)
             return True
@@ -449,7 +442,7 @@ def _like(arrays: ArrayRecord, sent: list[np.ndarray]) -> ArrayRecord:
     )
 
 
-def _like_keys(record: ArrayRecord, arrays: list[np.ndarray]) -> ArrayRecord:
+def with_keys_of(record: ArrayRecord, arrays: list[np.ndarray]) -> ArrayRecord:
     """``arrays`` under ``record``'s keys, in its order."""
     return ArrayRecord({key: Array(a) for key, a in zip(record.keys(), arrays, strict=True)})
 

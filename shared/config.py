@@ -490,22 +490,30 @@ def _client_dp_rule(config: Any, num_clients: int | None) -> list[str]:
     return problems
 
 
+def rule_minimum(config: Any) -> int:
+    """The fewest updates the configured rule is defined for: Krum and MultiKrum score each update by its
+    n - f - 2 nearest neighbours (n >= 2f + 3), Bulyan needs n >= 4f + 3; the others 1. Checked on the
+    sample at start (here) and on each round's accepted updates (server.strategy.RoundGuard)."""
+    f = config.num_malicious_nodes
+    return {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(config.strategy, 1)
+
+
 def _robust_rule(config: Any, num_clients: int | None) -> list[str]:
     """What Flower's Krum, MultiKrum and Bulyan need from the round's sample: their guarantees hold for
     at most num-malicious-nodes attackers among n sampled clients when n > 2f + 2 (Krum) or n >= 4f + 3
     (Bulyan); below that Flower's Bulyan aggregates nothing and Krum's scores mean nothing."""
     if config.strategy not in ("krum", "multikrum", "bulyan") or num_clients is None:
         return []
-    n, f = clients_per_round(config, num_clients), config.num_malicious_nodes
-    if config.strategy == "bulyan" and n < 4 * f + 3:
+    n, f, minimum = clients_per_round(config, num_clients), config.num_malicious_nodes, rule_minimum(config)
+    if n < minimum:
+        need = (
+            f"at least {minimum} clients per round (4f + 3)"
+            if config.strategy == "bulyan"
+            else f"more than {minimum - 1} clients per round (2f + 2)"
+        )
         return [
-            f"strategy 'bulyan' with num-malicious-nodes {f} needs at least {4 * f + 3} clients per round "
-            f"(4f + 3), and samples {n}; add clients or lower num-malicious-nodes"
-        ]
-    if n <= 2 * f + 2:
-        return [
-            f"strategy {config.strategy!r} with num-malicious-nodes {f} needs more than {2 * f + 2} clients "
-            f"per round (2f + 2), and samples {n}; add clients or lower num-malicious-nodes"
+            f"strategy {config.strategy!r} with num-malicious-nodes {f} needs {need}, and samples {n}; add "
+            "clients or lower num-malicious-nodes"
         ]
     if config.strategy == "multikrum" and config.multikrum_select > n - f:
         return [

@@ -187,13 +187,23 @@ def poisoning_section(
         "alie_z": (config.attack_alie_z or "z_max per round") if config.attack == "alie" else None,
     }
     if config.attack == "backdoor":
-        trigger = poisoning.make_trigger(
-            setup.spec.kind, setup.spec.input_shape, setup.scaler.model_input_shape, config.seed
-        )
-        anomalies = setup.scaler.transform(poisoning.measured_anomalies(setup.data.x_test, setup.data.y_test))
-        scores = scorer.score(residuals(model, spec, trigger.stamp(anomalies)))
-        section["backdoor_success_rate"] = poisoning.backdoor_success_rate(scores, threshold)
+        section["backdoor_success_rate"] = backdoor_success(setup, model, spec, scorer, threshold)
     return section
+
+
+def backdoor_success(
+    setup: RunSetup, model: Any, spec: Any, scorer: ResidualScorer, threshold: float
+) -> float:
+    """The share of the test anomalies no attacker held that the detector misses once they carry the
+    run's trigger (shared/attacks/poisoning.py)."""
+    from shared.attacks import poisoning
+
+    trigger = poisoning.make_trigger(
+        setup.spec.kind, setup.spec.input_shape, setup.scaler.model_input_shape, setup.config.seed
+    )
+    anomalies = setup.scaler.transform(poisoning.measured_anomalies(setup.data.x_test, setup.data.y_test))
+    scores = scorer.score(residuals(model, spec, trigger.stamp(anomalies)))
+    return poisoning.backdoor_success_rate(scores, threshold)
 
 
 def comparison(setup: RunSetup, federated_auc: float) -> dict[str, float]:

@@ -55,17 +55,22 @@ def check_update(
     return UpdateCheck(None, norm)
 
 
+def deltas(global_weights: Sequence[np.ndarray], update: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """What a client's returned model changed: ``update - global_weights`` per array, in float64."""
+    return [u.astype(np.float64) - g.astype(np.float64) for g, u in zip(global_weights, update, strict=True)]
+
+
+def apply_deltas(global_weights: Sequence[np.ndarray], changes: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``global_weights`` plus ``changes``, in the model's own dtypes (the server checks them)."""
+    return [(g.astype(np.float64) + d).astype(g.dtype) for g, d in zip(global_weights, changes, strict=True)]
+
+
 def clip_update(
     global_weights: Sequence[np.ndarray], update: Sequence[np.ndarray], norm: float, bound: float
 ) -> list[np.ndarray]:
     """``update`` moved back towards ``global_weights`` so that its distance from them (``norm``, as
-    ``check_update`` measured it) is ``bound``; in the update's own dtypes."""
+    ``check_update`` measured it) is ``bound``."""
     if not (bound > 0 and norm > 0):
         raise ValueError(f"bound and norm must be positive, got {bound} and {norm}")
     factor = min(1.0, bound / norm)
-    return [
-        (sent.astype(np.float64) + factor * (returned.astype(np.float64) - sent.astype(np.float64))).astype(
-            returned.dtype
-        )
-        for sent, returned in zip(global_weights, update, strict=True)
-    ]
+    return apply_deltas(global_weights, [factor * d for d in deltas(global_weights, update)])

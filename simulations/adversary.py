@@ -14,8 +14,9 @@ import logging
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Message
 
+from server.strategy import with_keys_of
 from shared.attacks import poisoning
 from shared.config import FedaeConfig
 
@@ -38,10 +39,7 @@ class ColludingAdversary:
             z = self.alie_z or poisoning.alie_z(len(replies), len(ours))
             crafted = poisoning.alie_update(self._sent_arrays, honest, z)
             for reply in ours:
-                keys = list(reply.content["arrays"].keys())
-                reply.content["arrays"] = ArrayRecord(
-                    {key: Array(a) for key, a in zip(keys, crafted, strict=True)}
-                )
+                reply.content["arrays"] = with_keys_of(reply.content["arrays"], crafted)
             logger.info(
                 "round %d: %d colluding clients send one 'a little is enough' model (z = %.3f)",
                 colluders_round,

@@ -190,7 +190,6 @@ def final_model_metrics(run_dir: Path) -> dict[str, float]:
     from shared import pipeline
     from shared.attacks import poisoning
     from shared.checkpoint import load_checkpoint
-    from shared.models import residuals
     from shared.task import trainer_for
 
     checkpoint = load_checkpoint(run_dir / "checkpoint.npz")
@@ -210,14 +209,10 @@ def final_model_metrics(run_dir: Path) -> dict[str, float]:
     scorer, threshold, scores = pipeline.fit_and_score(
         config, trainer.model, trainer.spec, x_calibration, x_eval
     )
-    trigger = poisoning.make_trigger(
-        setup.spec.kind, setup.spec.input_shape, setup.scaler.model_input_shape, config.seed
-    )
-    triggered = scorer.score(residuals(trainer.model, trainer.spec, trigger.stamp(unseen)))
     return {
         "final_auc": float(roc_auc_score(y_eval, scores)) if np.isfinite(scores).all() else float("nan"),
         "normal_loss": trainer.mean_loss(normal),
-        "backdoor_success": poisoning.backdoor_success_rate(triggered, threshold),
+        "backdoor_success": pipeline.backdoor_success(setup, trainer.model, trainer.spec, scorer, threshold),
     }
 
 

@@ -30,6 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared.updates import apply_deltas as _apply
+from shared.updates import deltas as _deltas
+
 ATTACKS = ("none", "sign-flip", "scale", "noise", "backdoor", "alie")
 # Attacks a single client carries out alone, on its own update (client side); alie needs the colluders'
 # updates together.
@@ -50,15 +53,6 @@ def malicious_clients(num_clients: int, fraction: float, seed: int) -> frozenset
     count = 0 if fraction == 0 else max(1, math.floor(fraction * num_clients + 0.5))
     order = np.random.default_rng([seed, 0xBAD]).permutation(num_clients)
     return frozenset(int(c) for c in order[:count])
-
-
-def _deltas(sent: Sequence[np.ndarray], trained: Sequence[np.ndarray]) -> list[np.ndarray]:
-    return [t.astype(np.float64) - s.astype(np.float64) for s, t in zip(sent, trained, strict=True)]
-
-
-def _apply(sent: Sequence[np.ndarray], deltas: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The global model plus ``deltas``, in the model's own dtypes (the server checks them)."""
-    return [(s.astype(np.float64) + d).astype(s.dtype) for s, d in zip(sent, deltas, strict=True)]
 
 
 def poison_update(
