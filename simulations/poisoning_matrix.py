@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -104,13 +105,15 @@ def defence_overrides(
 CELL_TIMEOUT_S = 3600  # a cell that hangs is recorded as failed, the matrix goes on
 
 
-def run_cell(cell: Cell, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
+def run_cell(cell: Cell, overrides: dict[str, Any], out: Path, retry: bool = True) -> dict[str, Any]:
     """Run one cell as ``fedae simulate`` in its own process and evaluate its final model. A cell whose
     settings the config refuses (Bulyan with too few clients per attacker) is recorded as not applicable
-    without running."""
+    without running. A run killed by a signal before its first round is tried once more (``retry``)."""
     cell_dir = out / "cells" / cell.name
     result_path, run_dir = cell_dir / "result.json", cell_dir / "run"
     wanted = json.loads(json.dumps(overrides, default=str))
+    if result_path.exists() and json.loads(result_path.read_text()).get("crashed"):
+        _set_aside(cell_dir, out)
     if result_path.exists():
         result = json.loads(result_path.read_text())
         if _same_settings(result.get("run_config", {}), wanted):
@@ -146,7 +149,11 @@ def run_cell(cell: Cell, overrides: dict[str, Any], out: Path) -> dict[str, Any]
     result["seconds"] = round(time.perf_counter() - started, 1)
     (cell_dir / "simulate.log").write_text(str(stderr))
     summary_path = run_dir / "summary.json"
-    if returncode != 0 or not summary_path.exists():
+    if returncode < -1 and not (run_dir / "checkpoint.npz").exists():
+        # Killed by a signal before any round was kept (a native crash at start-up, or the OOM
+        # killer): that says nothing about the attack, so the cell is run again on resume.
+        result |= {"failed": True, "crashed": True, "reason": f"killed by {_signal_name(-returncode)}"}
+    elif returncode != 0 or not summary_path.exists():
         # A run the attack broke (every round diverged: nothing exported) is a result too: its last
         # checkpointed model is still judged where there is one.
         errors = [line for line in str(stderr).splitlines() if "error" in line.lower()] or ["no output"]
@@ -163,7 +170,30 @@ def run_cell(cell: Cell, overrides: dict[str, Any], out: Path) -> dict[str, Any]
     if (run_dir / "checkpoint.npz").exists():
         result |= final_model_metrics(run_dir)
     result_path.write_text(json.dumps(result, indent=2))
+    if result.get("crashed") and retry:
+        return run_cell(cell, overrides, out, retry=False)
     return result
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _set_aside(cell_dir: Path, out: Path) -> None:
+    """Move a crashed cell to ``out/crashed/`` (its log kept as evidence), so that it runs again."""
+    aside = out / "crashed"
+    aside.mkdir(exist_ok=True)
+    attempt = 1 + sum(1 for _ in aside.glob(f"{cell_dir.name}.*"))
+    target = aside / f"{cell_dir.name}.{attempt}"
+    logger.warning(
+        "cell %s crashed before its first round last time; kept in %s, running it again",
+        cell_dir.name,
+        target,
+    )
+    cell_dir.rename(target)
 
 
 def _same_settings(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:

@@ -5,6 +5,7 @@ autoencoder, the config rules, and one real simulated federation under attack.""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -481,3 +482,29 @@ def test_a_measured_cell_is_never_overwritten_by_other_settings(tmp_path: Path) 
     with pytest.raises(ConfigError, match="use another --out"):
         poisoning_matrix.run_cell(cell, {"strategy": "fedmedian", "num-malicious-nodes": 5}, tmp_path)
     assert json.loads((folder / "result.json").read_text()) == saved
+
+
+def test_a_cell_killed_at_start_up_is_kept_aside_and_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A native crash before the first round says nothing about the attack: the matrix keeps the crashed
+    attempt's log and runs the cell again, once per invocation, instead of tabling it as a result."""
+    attempts: list[list[str]] = []
+
+    def killed(command: list[str], **_: object) -> subprocess.CompletedProcess:
+        attempts.append(command)
+        return subprocess.CompletedProcess(command, -11, "", f"Fatal Python error: attempt {len(attempts)}")
+
+    monkeypatch.setattr(poisoning_matrix.subprocess, "run", killed)
+    cell = poisoning_matrix.Cell("none", "fedavg", 0.0)
+    overrides = {**poisoning_matrix.BASE, **poisoning_matrix.attack_overrides("none", 0.0)}
+    result = poisoning_matrix.run_cell(cell, overrides, tmp_path)
+    assert len(attempts) == 2 and result["crashed"] and result["reason"] == "killed by SIGSEGV"
+    kept = tmp_path / "crashed" / f"{cell.name}.1" / "simulate.log"
+    assert kept.read_text() == "Fatal Python error: attempt 1"
+    # Resumed later: the second crash is set aside too, and the cell runs once more.
+    poisoning_matrix.run_cell(cell, overrides, tmp_path)
+    assert len(attempts) == 4
+    assert (tmp_path / "crashed" / f"{cell.name}.2" / "simulate.log").read_text().endswith("attempt 2")
+    # Only the cells folder is tabled: set-aside attempts never reach the matrix.
+    assert [p.parent.name for p in tmp_path.glob("cells/*/result.json")] == [cell.name]
