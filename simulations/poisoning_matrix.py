@@ -314,7 +314,8 @@ def _cell_text(result: dict[str, Any] | None, clean: dict[str, Any]) -> str:
     if not math.isfinite(auc):
         return "diverged"
     ratio = loss / clean["normal_loss"] if clean.get("normal_loss") else float("nan")
-    text = f"{auc:.3f} ({ratio:.2f}x)"
+    # A diverged model's loss can be 1e14 times the clean one: no one reads 15 digits of it.
+    text = f"{auc:.3f} ({ratio:.2f}x)" if ratio < 1000 else f"{auc:.3f} ({ratio:.1e}x)"
     if result["attack"].startswith("backdoor"):
         text += f", bd {result['backdoor_success']:.2f}"
     return text + (" (run failed)" if result.get("failed") else "")

@@ -16,6 +16,7 @@ from shared.attacks import poisoning
 from shared.config import ATTACKS, ConfigError, FedaeConfig
 from simulations import poisoning_matrix
 from simulations.adversary import adversary_mixins
+from simulations.update_spread import rule_steps
 from tests.test_updates import GLOBAL, _moved, _Reply
 
 RNG = np.random.default_rng(0)
@@ -327,6 +328,7 @@ def test_the_matrix_tables_and_plots_what_its_cells_measured(tmp_path: Path) -> 
         cell("none", "fedmedian", 0.96, 0.011),
         cell("scale:10", "fedavg", 0.61, 0.050),
         cell("scale:10", "fedmedian", 0.955, 0.0105),
+        cell("sign-flip:10", "fedavg", 0.55, 9.5e12),
         cell("backdoor:10", "fedavg", 0.95, 0.012, backdoor=0.8),
         {"attack": "backdoor:10", "defence": "fedmedian", "fraction": 0.2, "failed": True, "reason": "x"},
     ]
@@ -334,6 +336,7 @@ def test_the_matrix_tables_and_plots_what_its_cells_measured(tmp_path: Path) -> 
     table = (tmp_path / "matrix.md").read_text()
     assert "| scale:10 | 0.610 (5.00x) | 0.955 (1.05x) |" in table
     assert "| backdoor:10 | 0.950 (1.20x), bd 0.80 | failed |" in table
+    assert "| sign-flip:10 | 0.550 (9.5e+14x) |" in table
     assert json.loads((tmp_path / "matrix.json").read_text())["norm_bound"] == 3.5
     assert (tmp_path / "matrix.png").stat().st_size > 10_000
 
@@ -508,3 +511,48 @@ def test_a_cell_killed_at_start_up_is_kept_aside_and_run_again(
     assert (tmp_path / "crashed" / f"{cell.name}.2" / "simulate.log").read_text().endswith("attempt 2")
     # Only the cells folder is tabled: set-aside attempts never reach the matrix.
     assert [p.parent.name for p in tmp_path.glob("cells/*/result.json")] == [cell.name]
+
+
+def test_coordinate_wise_rules_undo_a_flip_only_where_the_honest_updates_agree() -> None:
+    """The mechanism the matrix's sign-flip rows rest on: with 3 of 15 updates flipped, FedAvg steps about
+    0.6 of the way whatever the spread; the median and the trimmed mean take the full step when the
+    honest updates agree, but when the spread is 20 times the true mean they do no better than FedAvg."""
+    rng = np.random.default_rng(0)
+    mean = rng.uniform(0.5, 1.5, size=20_000) * rng.choice([-1.0, 1.0], size=20_000)
+    attackers = frozenset({0, 5, 9})
+    agreeing = rule_steps(np.tile(mean, (15, 1)), attackers, scale=1.0, trim=3)["rules"]
+    assert agreeing["fedavg"]["step"] == pytest.approx(0.6)
+    assert agreeing["fedmedian"]["step"] == pytest.approx(1.0)
+    assert agreeing["fedtrimmedavg"]["step"] == pytest.approx(1.0)
+    noisy = mean + rng.normal(0.0, 20.0, size=(15, mean.size))
+    found = rule_steps(noisy, attackers, scale=1.0, trim=3)
+    assert found["spread_over_mean"] > 3 and found["share_spread_above_mean"] > 0.95
+    steps = {name: r["step"] for name, r in found["rules"].items()}
+    assert steps["fedavg"] == pytest.approx(0.6, abs=0.02)
+    assert steps["fedmedian"] < 0.65 and steps["fedtrimmedavg"] < 0.65
+    # Without the attack, both rules step about fully: the loss under attack is the attackers' doing.
+    assert steps["fedmedian, no attack"] > 0.85 and steps["fedtrimmedavg, no attack"] > 0.85
+    # Weights no client moved count neither way.
+    frozen = np.hstack([noisy, np.zeros((15, 1000))])
+    assert rule_steps(frozen, attackers, 1.0, 3)["spread_over_mean"] == found["spread_over_mean"]
+    with pytest.raises(ValueError, match="more than 2 x trim"):
+        rule_steps(noisy[:6], attackers, scale=1.0, trim=3)
+
+
+@pytest.mark.slow
+def test_the_update_spread_script_measures_real_local_updates(tmp_path: Path) -> None:
+    """End to end on real DP-SGD updates (3 tiny sites, one round): every rule's figures for the asked
+    round on disk, and the flip shortens FedAvg's step."""
+    from simulations import update_spread
+
+    out = tmp_path / "spread.json"
+    overrides = "num-clients=3 rows-per-site=120 local-epochs=1 trim-beta=0.34"
+    code = update_spread.main(
+        ["--run-config", overrides, "--rounds", "1", "--fraction", "0.34", "--out", str(out)]
+    )
+    assert code == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["round"] == 1 and 0.0 <= row["share_spread_above_mean"] <= 1.0
+    assert set(row["rules"]) >= {"fedavg", "fedmedian", "fedtrimmedavg"}
+    assert row["rules"]["fedavg"]["step"] < 1.0
+    assert update_spread.main(["--rounds", "0"]) == 2
