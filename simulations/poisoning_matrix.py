@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -59,10 +60,12 @@ class Cell:
     attack: str  # "none", or a name with an optional ":parameter" (scale:10)
     defence: str
     fraction: float
+    repeat: int = 1  # the same settings run again: DP noise and initial weights are drawn afresh
 
     @property
     def name(self) -> str:
-        return f"{self.attack.replace(':', '')}-{self.defence}-{self.fraction:g}"
+        name = f"{self.attack.replace(':', '')}-{self.defence}-{self.fraction:g}"
+        return name if self.repeat == 1 else f"{name}-r{self.repeat}"
 
 
 def attack_overrides(attack: str, fraction: float) -> dict[str, Any]:
@@ -129,6 +132,7 @@ def run_cell(cell: Cell, overrides: dict[str, Any], out: Path, retry: bool = Tru
             "use another --out for these settings, or delete that cell to run it again"
         )
     result: dict[str, Any] = {"attack": cell.attack, "defence": cell.defence, "fraction": cell.fraction}
+    result["repeat"] = cell.repeat
     result["run_config"] = wanted
     cell_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -247,9 +251,17 @@ def final_model_metrics(run_dir: Path) -> dict[str, float]:
 
 
 def run_matrix(
-    out: Path, attacks: list[str], defences: list[str], fractions: list[float], base: dict[str, Any]
+    out: Path,
+    attacks: list[str],
+    defences: list[str],
+    fractions: list[float],
+    base: dict[str, Any],
+    repeats: int = 1,
 ) -> list[dict[str, Any]]:
-    """Every cell, the clean FedAvg cell first (its update norms set the norm-bound defence)."""
+    """Every cell, the clean FedAvg cell first (its update norms set the norm-bound defence); with
+    ``repeats`` > 1 the whole matrix again, so that an interrupted run still has complete passes."""
+    if repeats < 1:
+        raise ValueError(f"--repeats must be 1 or more, got {repeats}")
     FedaeConfig().with_overrides(base)  # bad base keys fail before any cell runs
     num_clients = int(base.get("num-clients", FedaeConfig().num_clients))
     clean = run_cell(Cell("none", "fedavg", 0.0), {**base, **defence_overrides("fedavg", 0, None)}, out)
@@ -258,24 +270,32 @@ def run_matrix(
     # The bound an operator would pick from honest rounds: the largest honest update norm seen.
     norm_bound = round(clean["max_update_norm"], 4)
     results = [clean]
-    for fraction in fractions:
-        malicious = len(malicious_clients(num_clients, fraction, int(base.get("seed", 42))))
-        for attack in attacks:
-            cell_fraction = 0.0 if attack == "none" else fraction
-            for defence in defences:
-                cell = Cell(attack, defence, cell_fraction)
-                if attack == "none" and any(
-                    r["defence"] == defence and r["attack"] == "none" for r in results
-                ):
-                    continue  # the clean cell does not depend on the fraction
-                overrides = {
-                    **base,
-                    **defence_overrides(defence, malicious, norm_bound, num_clients),
-                    **attack_overrides(attack, fraction),
-                }
-                results.append(run_cell(cell, overrides, out))
+    for repeat in range(1, repeats + 1):
+        for fraction in fractions:
+            malicious = len(malicious_clients(num_clients, fraction, int(base.get("seed", 42))))
+            for attack in attacks:
+                cell_fraction = 0.0 if attack == "none" else fraction
+                for defence in defences:
+                    cell = Cell(attack, defence, cell_fraction, repeat)
+                    if any(r["attack"] == "none" and _same_cell(r, cell) for r in results):
+                        continue  # the clean cell does not depend on the fraction
+                    overrides = {
+                        **base,
+                        **defence_overrides(defence, malicious, norm_bound, num_clients),
+                        **attack_overrides(attack, fraction),
+                    }
+                    results.append(run_cell(cell, overrides, out))
     write_outputs(out, results, norm_bound)
     return results
+
+
+def _same_cell(result: dict[str, Any], cell: Cell) -> bool:
+    return (
+        result["attack"] == cell.attack
+        and result["defence"] == cell.defence
+        and result["fraction"] == cell.fraction
+        and result.get("repeat", 1) == cell.repeat
+    )
 
 
 def collected_results(out: Path) -> list[dict[str, Any]]:
@@ -296,41 +316,65 @@ def collected_results(out: Path) -> list[dict[str, Any]]:
             float(parameter or 0),
             defence_order.index(defence) if defence in defence_order else len(defence_order),
             r["fraction"],
+            r.get("repeat", 1),
         )
 
     results.sort(key=key)
-    write_outputs(out, results, round(clean[0]["max_update_norm"], 4))
+    first = next((r for r in clean if r.get("repeat", 1) == 1), clean[0])  # the run that set the bound
+    write_outputs(out, results, round(first["max_update_norm"], 4))
     return results
 
 
-def _cell_text(result: dict[str, Any] | None, clean: dict[str, Any]) -> str:
-    if result is None:
+def _cell_text(runs: list[dict[str, Any]], clean_loss: float) -> str:
+    """One table cell: a run's final AUC and loss multiple, or over repeats their means and ranges."""
+    if not runs:
         return ""
-    if result.get("not_applicable"):
+    if any(r.get("not_applicable") for r in runs):
         return "n/a"
-    if "final_auc" not in result:
-        return "failed"
-    auc, loss = result["final_auc"], result["normal_loss"]
-    if not math.isfinite(auc):
-        return "diverged"
-    ratio = loss / clean["normal_loss"] if clean.get("normal_loss") else float("nan")
-    # A diverged model's loss can be 1e14 times the clean one: no one reads 15 digits of it.
-    text = f"{auc:.3f} ({ratio:.2f}x)" if ratio < 1000 else f"{auc:.3f} ({ratio:.1e}x)"
-    if result["attack"].startswith("backdoor"):
-        text += f", bd {result['backdoor_success']:.2f}"
-    return text + (" (run failed)" if result.get("failed") else "")
+    measured = [r for r in runs if "final_auc" in r and math.isfinite(r["final_auc"])]
+    if not measured:
+        return "diverged" if any("final_auc" in r for r in runs) else "failed"
+    aucs = [r["final_auc"] for r in measured]
+    ratios = [r["normal_loss"] / clean_loss if clean_loss else float("nan") for r in measured]
+
+    def times(ratio: float) -> str:
+        # A diverged model's loss can be 1e14 times the clean one: no one reads 15 digits of it.
+        return f"{ratio:.2f}x" if ratio < 1000 else f"{ratio:.1e}x"
+
+    if len(measured) == 1:
+        text = f"{aucs[0]:.3f} ({times(ratios[0])})"
+    else:
+        text = (
+            f"{statistics.mean(aucs):.3f} ({times(statistics.mean(ratios))}) "
+            f"[{min(aucs):.3f}-{max(aucs):.3f}, {times(min(ratios))}-{times(max(ratios))}]"
+        )
+    if runs[0]["attack"].startswith("backdoor"):
+        text += f", bd {statistics.mean(r['backdoor_success'] for r in measured):.2f}"
+    if len(runs) == 1:
+        return text + (" (run failed)" if runs[0].get("failed") else "")
+    diverged = sum(1 for r in runs if "final_auc" in r and not math.isfinite(r["final_auc"]))
+    missing = sum(1 for r in runs if "final_auc" not in r)
+    broken = sum(1 for r in measured if r.get("failed"))
+    notes = [f"{diverged} of {len(runs)} diverged" if diverged else ""]
+    notes.append(f"{missing} of {len(runs)} without a model" if missing else "")
+    notes.append(f"{broken} of {len(runs)} runs failed" if broken else "")
+    return text + "".join(f" ({n})" for n in notes if n)
 
 
 def write_outputs(out: Path, results: list[dict[str, Any]], norm_bound: float) -> None:
     """matrix.json, matrix.md (a table per fraction) and matrix.png."""
     (out / "matrix.json").write_text(json.dumps({"norm_bound": norm_bound, "cells": results}, indent=2))
-    clean = next(r for r in results if r["attack"] == "none" and r["defence"] == "fedavg")
+    cleans = [r for r in results if r["attack"] == "none" and r["defence"] == "fedavg" and "final_auc" in r]
+    clean = {key: statistics.mean(r[key] for r in cleans) for key in ("final_auc", "normal_loss")}
+    clean["backdoor_success"] = statistics.mean(r["backdoor_success"] for r in cleans)
+    runs = f" (mean of {len(cleans)} runs)" if len(cleans) > 1 else ""
     defences = list(dict.fromkeys(r["defence"] for r in results))
     attacks = list(dict.fromkeys(r["attack"] for r in results))
     fractions = sorted({r["fraction"] for r in results if r["attack"] != "none"})
     lines = [
         "Final-round test ROC-AUC (normal-row reconstruction loss as a multiple of the clean FedAvg run's;",
-        "`bd`: backdoor success, triggered held-out anomalies missed). Clean FedAvg: "
+        "`bd`: backdoor success, triggered held-out anomalies missed; with repeats, the mean and "
+        f"[range] over them). Clean FedAvg{runs}: "
         f"AUC {clean['final_auc']:.3f}, loss {clean['normal_loss']:.4f}, triggered anomalies missed "
         f"{clean['backdoor_success']:.2f}; norm-bound clips at {norm_bound:g}. n/a: settings the rule "
         "cannot run with.",
@@ -350,7 +394,7 @@ def write_outputs(out: Path, results: list[dict[str, Any]], norm_bound: float) -
                     and r["defence"] == defence
                     and (attack == "none" or r["fraction"] == fraction)
                 ]
-                row.append(_cell_text(match[0] if match else None, clean))
+                row.append(_cell_text(match, clean["normal_loss"]))
             if any(row):  # an attack not run at this fraction gets no empty row
                 lines.append(f"| {attack} | " + " | ".join(row) + " |")
         lines.append("")
@@ -376,11 +420,16 @@ def _plot(
     )
     image = None
     for ax, fraction in zip(axes[0][:panels], fractions or [0.0], strict=True):
-        grid = np.full((len(attacks), len(defences)), np.nan)
+        found: dict[tuple[int, int], list[float]] = {}
         for r in results:
             if "final_auc" not in r or (r["attack"] != "none" and r["fraction"] != fraction):
                 continue
-            grid[attacks.index(r["attack"]), defences.index(r["defence"])] = r["final_auc"]
+            found.setdefault((attacks.index(r["attack"]), defences.index(r["defence"])), []).append(
+                r["final_auc"]
+            )
+        grid = np.full((len(attacks), len(defences)), np.nan)
+        for (i, j), aucs in found.items():
+            grid[i, j] = np.mean(aucs)  # over repeats; a diverged run makes the cell nan, shown "x"
         image = ax.imshow(grid, vmin=0.5, vmax=1.0, cmap="viridis")
         for (i, j), value in np.ndenumerate(grid):
             ax.text(
@@ -407,9 +456,9 @@ def _plot(
     width = 0.8 / len(labels)
     for k, (label, chosen) in enumerate(labels):
         values = [
-            next(
-                (r.get("backdoor_success", np.nan) for r in results if r["defence"] == d and chosen(r)),
-                np.nan,
+            np.mean(
+                [r.get("backdoor_success", np.nan) for r in results if r["defence"] == d and chosen(r)]
+                or [np.nan]
             )
             for d in defences
         ]
@@ -436,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", default="0.2", help="fractions of malicious clients (default 0.2)")
     parser.add_argument("--run-config", default="", help="overrides of the base settings, key=value ...")
     parser.add_argument(
+        "--repeats", type=int, default=1, help="run every cell this many times (the table gives ranges)"
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="run nothing: write the table and plot from every cell already in --out",
@@ -458,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             [d.strip() for d in args.defences.split(",") if d.strip()],
             fractions,
             base,
+            args.repeats,
         )
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -556,3 +556,35 @@ def test_the_update_spread_script_measures_real_local_updates(tmp_path: Path) ->
     assert set(row["rules"]) >= {"fedavg", "fedmedian", "fedtrimmedavg"}
     assert row["rules"]["fedavg"]["step"] < 1.0
     assert update_spread.main(["--rounds", "0"]) == 2
+
+
+def test_repeated_cells_run_as_whole_passes_and_table_as_mean_and_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[poisoning_matrix.Cell] = []
+    # Per pass: clean fedavg, clean median, then fedavg and median under scale:10 at 20 % and at 30 %.
+    first_aucs, first_losses = [0.97, 0.96, 0.80, 0.95, 0.78, 0.94], [0.010, 0.011, 0.5, 0.011, 0.6, 0.012]
+    aucs = iter([*first_aucs, 0.97, 0.96, float("nan"), 0.97, 0.79, 0.95])
+    losses = iter([*first_losses, 0.012, 0.011, float("inf"), 0.0132, 0.6, 0.012])
+
+    def fake_run(cell: poisoning_matrix.Cell, overrides: dict, out: Path) -> dict:
+        ran.append(cell)
+        metrics = {"final_auc": next(aucs), "normal_loss": next(losses), "backdoor_success": 0.0}
+        fields = {"attack": cell.attack, "defence": cell.defence, "fraction": cell.fraction}
+        return {**fields, "repeat": cell.repeat, "failed": False, "max_update_norm": 3.0, **metrics}
+
+    monkeypatch.setattr(poisoning_matrix, "run_cell", fake_run)
+    base = dict(poisoning_matrix.BASE)
+    poisoning_matrix.run_matrix(tmp_path, ["none", "scale:10"], ["fedavg", "fedmedian"], [0.2, 0.3], base, 2)
+    names = [c.name for c in ran]
+    # Each pass: the clean cells once (they do not depend on the fraction), the attack at each fraction.
+    assert names[:3] == ["none-fedavg-0", "none-fedmedian-0", "scale10-fedavg-0.2"]
+    assert len(names) == len(set(names)) and sum(n.endswith("-r2") for n in names) == len(names) // 2
+    # Clean FedAvg's loss is the mean of its two runs, 0.011; medians' scale:10 runs lost 0.95 and 0.97.
+    table = (tmp_path / "matrix.md").read_text()
+    assert "Clean FedAvg (mean of 2 runs): AUC 0.970, loss 0.0110" in table
+    assert "| none | 0.970 (1.00x) [0.970-0.970, 0.91x-1.09x] |" in table
+    assert "0.960 (1.10x) [0.950-0.970, 1.00x-1.20x]" in table
+    assert "(1 of 2 diverged)" in table
+    with pytest.raises(ValueError, match="repeats"):
+        poisoning_matrix.run_matrix(tmp_path, ["none"], ["fedavg"], [0.2], base, 0)
