@@ -190,7 +190,8 @@ def _set_aside(cell_dir: Path, out: Path) -> None:
     """Move a crashed cell to ``out/crashed/`` (its log kept as evidence), so that it runs again."""
     aside = out / "crashed"
     aside.mkdir(exist_ok=True)
-    attempt = 1 + sum(1 for _ in aside.glob(f"{cell_dir.name}.*"))
+    taken = [int(p.suffix[1:]) for p in aside.glob(f"{cell_dir.name}.*") if p.suffix[1:].isdigit()]
+    attempt = max(taken, default=0) + 1
     target = aside / f"{cell_dir.name}.{attempt}"
     logger.warning(
         "cell %s crashed before its first round last time; kept in %s, running it again",
@@ -279,11 +280,15 @@ def run_matrix(
                     cell = Cell(attack, defence, cell_fraction, repeat)
                     if any(r["attack"] == "none" and _same_cell(r, cell) for r in results):
                         continue  # the clean cell does not depend on the fraction
-                    overrides = {
-                        **base,
-                        **defence_overrides(defence, malicious, norm_bound, num_clients),
-                        **attack_overrides(attack, fraction),
-                    }
+                    if attack == "none" and defence == "fedavg":
+                        # Every pass's reference run with repeat 1's settings, whatever the fractions.
+                        overrides = {**base, **defence_overrides("fedavg", 0, None)}
+                    else:
+                        overrides = {
+                            **base,
+                            **defence_overrides(defence, malicious, norm_bound, num_clients),
+                            **attack_overrides(attack, fraction),
+                        }
                     results.append(run_cell(cell, overrides, out))
     write_outputs(out, results, norm_bound)
     return results
@@ -331,6 +336,8 @@ def _cell_text(runs: list[dict[str, Any]], clean_loss: float) -> str:
         return ""
     if any(r.get("not_applicable") for r in runs):
         return "n/a"
+    if all(r.get("crashed") for r in runs):
+        return "crashed"  # the process died before any round: says nothing about the attack
     measured = [r for r in runs if "final_auc" in r and math.isfinite(r["final_auc"])]
     if not measured:
         return "diverged" if any("final_auc" in r for r in runs) else "failed"
@@ -364,7 +371,17 @@ def _cell_text(runs: list[dict[str, Any]], clean_loss: float) -> str:
 def write_outputs(out: Path, results: list[dict[str, Any]], norm_bound: float) -> None:
     """matrix.json, matrix.md (a table per fraction) and matrix.png."""
     (out / "matrix.json").write_text(json.dumps({"norm_bound": norm_bound, "cells": results}, indent=2))
-    cleans = [r for r in results if r["attack"] == "none" and r["defence"] == "fedavg" and "final_auc" in r]
+    # The reference: clean FedAvg runs that finished with a finite model (a broken repeat is its own
+    # finding, not a new baseline).
+    cleans = [
+        r
+        for r in results
+        if r["attack"] == "none"
+        and r["defence"] == "fedavg"
+        and not r.get("failed")
+        and math.isfinite(r.get("final_auc", math.nan))
+        and math.isfinite(r.get("normal_loss", math.nan))
+    ]
     clean = {key: statistics.mean(r[key] for r in cleans) for key in ("final_auc", "normal_loss")}
     clean["backdoor_success"] = statistics.mean(r["backdoor_success"] for r in cleans)
     runs = f" (mean of {len(cleans)} runs)" if len(cleans) > 1 else ""
@@ -402,6 +419,11 @@ def write_outputs(out: Path, results: list[dict[str, Any]], norm_bound: float) -
     _plot(out / "matrix.png", results, attacks, defences, fractions)
 
 
+def _finite_mean(values: Any) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.mean(finite) if finite else math.nan
+
+
 def _plot(
     path: Path, results: list[dict[str, Any]], attacks: list[str], defences: list[str], fractions: list[float]
 ) -> None:
@@ -428,14 +450,17 @@ def _plot(
                 r["final_auc"]
             )
         grid = np.full((len(attacks), len(defences)), np.nan)
+        partial = np.zeros(grid.shape, dtype=bool)
         for (i, j), aucs in found.items():
-            grid[i, j] = np.mean(aucs)  # over repeats; a diverged run makes the cell nan, shown "x"
+            finite = [a for a in aucs if math.isfinite(a)]
+            grid[i, j] = np.mean(finite) if finite else np.nan  # as the table: the finite runs' mean
+            partial[i, j] = 0 < len(finite) < len(aucs)
         image = ax.imshow(grid, vmin=0.5, vmax=1.0, cmap="viridis")
         for (i, j), value in np.ndenumerate(grid):
             ax.text(
                 j,
                 i,
-                "x" if np.isnan(value) else f"{value:.2f}",
+                "x" if np.isnan(value) else f"{value:.2f}" + ("*" if partial[i, j] else ""),
                 ha="center",
                 va="center",
                 fontsize=8,
@@ -443,7 +468,7 @@ def _plot(
             )
         ax.set_xticks(range(len(defences)), defences, rotation=30, ha="right")
         ax.set_yticks(range(len(attacks)), attacks)
-        ax.set_title(f"final test ROC-AUC, {fraction:.0%} malicious")
+        ax.set_title(f"final test ROC-AUC, {fraction:.0%} malicious (* some runs diverged)")
     # Backdoor success per defence: each backdoor cell beside the clean cell (the trigger alone).
     bars = axes[0][panels]
     labels = [("clean", lambda r: r["attack"] == "none")]
@@ -456,9 +481,8 @@ def _plot(
     width = 0.8 / len(labels)
     for k, (label, chosen) in enumerate(labels):
         values = [
-            np.mean(
-                [r.get("backdoor_success", np.nan) for r in results if r["defence"] == d and chosen(r)]
-                or [np.nan]
+            _finite_mean(
+                r.get("backdoor_success", math.nan) for r in results if r["defence"] == d and chosen(r)
             )
             for d in defences
         ]

@@ -1,21 +1,28 @@
 """Why a coordinate-wise rule cannot undo a sign flip here: each rule's step along the honest mean.
 
-The poisoning matrix measures the end of a federation; this measures the mechanism in one round. Honest
-clients train from the same global model (fedae's ``LocalTrainer``, DP-SGD as configured); the attackers
-among them send their update times ``-scale``; each rule aggregates what was sent. Per rule it reports
-the *step*: the aggregate's projection on the mean of all honest updates (the clean FedAvg step), as a
-share of it (1: the clean step; 0.6: FedAvg when 3 of 15 flip at scale 1), and the relative error
-``|aggregate - clean| / |clean|``. Beside them, how noisy the honest updates are: the median over
-coordinates of the honest spread (standard deviation across clients) over the honest mean's size.
+The poisoning matrix measures the end of a federation; this measures the mechanism, round by round.
+Honest clients train from the same global model (fedae's ``LocalTrainer``, DP-SGD as configured); the
+attackers among them send their update times ``-scale``; each rule aggregates what was sent. Per rule it
+reports the *step*: how far the aggregate moves along the true update direction, as a share of how far
+the clean FedAvg step moves (1: the clean step; 0.6: FedAvg when 3 of 15 flip at scale 1), and the
+relative error ``|aggregate - clean| / |clean|``. Beside them, how noisy the honest updates are: the
+median over weights of the honest spread (standard deviation across clients) over the clean mean's size.
+The global model follows the clean FedAvg trajectory (``--rounds`` says where to measure).
 
 A coordinate-wise median or trimmed mean removes the attackers only where they lie outside the honest
 values. Where the honest spread s is large against the mean mu (DP-SGD noise, sites that differ), the
 flipped values (spread by s around -mu) lie among the honest ones, and the rule's estimate of the mixture
 lands near 0.8 mu - 0.2 mu, FedAvg's step under the same flip.
 
-The rules here are numpy's median and scipy's trimmed mean with Flower's trim count (``int(beta * n)``
-from each end), the same arithmetic as Flower's FedMedian and FedTrimmedAvg, on one flat vector per
-client; the weights are equal (every site holds the same number of rows in the matrix's setting).
+The step is measured along an independent direction: the same clients trained again from the same
+model with other seeds (other DP noise and batches). Along the noisy clean mean itself a rule's step
+would be its response to the noise, whatever the signal. ``agreement`` is the cosine of the two clean
+steps: near 1 the round's mean update is mostly signal, near 0 mostly noise.
+
+The rules here are numpy's median and a trimmed mean with Flower's trim count (``int(beta * n)`` from
+each end, raised to the number of attackers as the matrix does), the arithmetic of Flower's FedMedian
+and FedTrimmedAvg, on one flat vector per client; the weights are equal (every site holds the same
+number of rows in the matrix's setting).
 
     uv run python -m simulations.update_spread [--run-config "key=value ..."] [--rounds 1 5 10]
         [--fraction 0.2] [--scale 1] [--out FILE.json]
@@ -30,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import trim_mean
 
 from shared.attacks.poisoning import malicious_clients
 from shared.config import ConfigError, FedaeConfig, parse_key_values
@@ -40,23 +46,44 @@ def flat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.ravel(a).astype(np.float64) for a in arrays])
 
 
-def rule_steps(honest: np.ndarray, attackers: frozenset[int], scale: float, trim: int) -> dict[str, Any]:
-    """Each rule's step along the clean mean and its relative error, for ``honest`` updates (one row per
-    client) of which the rows in ``attackers`` are sent as ``-scale`` times themselves."""
+def trimmed_mean(values: np.ndarray, trim: int) -> np.ndarray:
+    """Per column, the mean after cutting ``trim`` values at each end: Flower's FedTrimmedAvg arithmetic.
+    With the integer count, not scipy's proportion, which can round ``trim / n * n`` down by one."""
+    return np.sort(values, axis=0)[trim : len(values) - trim].mean(axis=0)
+
+
+def rule_steps(
+    honest: np.ndarray,
+    attackers: frozenset[int],
+    scale: float,
+    trim: int,
+    direction: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Each rule's step and relative error, for ``honest`` updates (one row per client) of which the rows
+    in ``attackers`` are sent as ``-scale`` times themselves.
+
+    The step is the aggregate's projection on ``direction`` as a share of the clean mean's projection.
+    ``direction`` should be an independent estimate of the true mean update (the mean of the same
+    clients' updates trained again with other noise): projected on the noisy clean mean itself, a rule's
+    step is about its response to the noise, whatever the signal (Stein's lemma), and tells nothing."""
     if honest.ndim != 2 or len(honest) < 2 * trim + 1:
         raise ValueError(f"need one update per row and more than 2 x trim={trim} rows, got {honest.shape}")
     clean = honest.mean(axis=0)
-    norm2 = float(clean @ clean)
-    if norm2 == 0.0:
-        raise ValueError("the honest updates average to zero: no step to measure against")
+    direction = clean if direction is None else np.asarray(direction, dtype=np.float64)
+    if direction.shape != clean.shape:
+        raise ValueError(f"direction has shape {direction.shape}, the updates {clean.shape}")
+    along = float(clean @ direction)
+    norm = float(np.linalg.norm(clean))
+    if along == 0.0 or norm == 0.0:
+        raise ValueError("the clean step has no component along the direction: no step to measure")
     sent = honest.copy()
     sent[sorted(attackers)] *= -scale
     aggregates = {
         "fedavg": sent.mean(axis=0),
         "fedmedian": np.median(sent, axis=0),
-        "fedtrimmedavg": trim_mean(sent, trim / len(sent), axis=0),
+        "fedtrimmedavg": trimmed_mean(sent, trim),
         "fedmedian, no attack": np.median(honest, axis=0),
-        "fedtrimmedavg, no attack": trim_mean(honest, trim / len(honest), axis=0),
+        "fedtrimmedavg, no attack": trimmed_mean(honest, trim),
     }
     good = [i for i in range(len(honest)) if i not in attackers]
     spread = honest[good].std(axis=0, ddof=1)
@@ -68,11 +95,10 @@ def rule_steps(honest: np.ndarray, attackers: frozenset[int], scale: float, trim
     return {
         "spread_over_mean": float(np.median(ratio)),
         "share_spread_above_mean": float(np.mean(spread > size)),
+        # Cosine of the clean step with the independent one: near 0, a round's mean update is noise.
+        "agreement": float(along / (norm * np.linalg.norm(direction))),
         "rules": {
-            name: {
-                "step": float(agg @ clean / norm2),
-                "error": float(np.linalg.norm(agg - clean) / np.sqrt(norm2)),
-            }
+            name: {"step": float(agg @ direction / along), "error": float(np.linalg.norm(agg - clean) / norm)}
             for name, agg in aggregates.items()
         },
     }
@@ -80,7 +106,7 @@ def rule_steps(honest: np.ndarray, attackers: frozenset[int], scale: float, trim
 
 def measure(config: FedaeConfig, rounds: list[int], fraction: float, scale: float) -> list[dict[str, Any]]:
     """Honest FedAvg rounds from fresh weights; at each round in ``rounds``, ``rule_steps`` on that
-    round's honest updates."""
+    round's honest updates, against the direction of the same clients trained again with other seeds."""
     from shared.tfenv import load_tensorflow
 
     load_tensorflow()  # the import-time switches before TensorFlow and tensorflow-privacy
@@ -93,38 +119,48 @@ def measure(config: FedaeConfig, rounds: list[int], fraction: float, scale: floa
     trainer = trainer_for(config, setup.spec, setup.scaler)
     clients = [setup.scaler.transform(load_client_data(config, c).x_train) for c in range(setup.num_clients)]
     attackers = malicious_clients(setup.num_clients, fraction, config.seed)
-    trim = int(config.trim_beta * setup.num_clients)
+    trim = covering_trim(config, setup.num_clients, len(attackers))
     sigma = float(config.noise_multiplier) if config.dp_enabled else 0.0
     weights, rows = trainer.get_weights(), []
-    for server_round in range(1, max(rounds) + 1):
+
+    def train_all(server_round: int, draw: int) -> list[list[np.ndarray]]:
         updates = []
         for client, x in enumerate(clients):
             trainer.set_weights(weights)
-            seed = int(np.random.SeedSequence([config.seed, server_round, client]).generate_state(1)[0])
+            seed = int(np.random.SeedSequence([config.seed, server_round, client, draw]).generate_state(1)[0])
             trainer.fit(x, epochs=config.local_epochs, noise_multiplier=sigma, seed=seed)
             updates.append(deltas(weights, trainer.get_weights()))
+        return updates
+
+    for server_round in range(1, max(rounds) + 1):
+        updates = train_all(server_round, 0)
         if server_round in rounds:
             honest = np.stack([flat(u) for u in updates])
-            rows.append({"round": server_round, **rule_steps(honest, attackers, scale, trim)})
+            direction = np.mean([flat(u) for u in train_all(server_round, 1)], axis=0)
+            rows.append({"round": server_round, **rule_steps(honest, attackers, scale, trim, direction)})
         mean = [np.mean([u[k] for u in updates], axis=0) for k in range(len(weights))]
         weights = apply_deltas(weights, mean)  # the clean trajectory: attackers never steer it here
     return rows
 
 
+def covering_trim(config: FedaeConfig, num_clients: int, num_attackers: int) -> int:
+    """Flower's trim count for ``trim-beta``, raised to the number of attackers as the matrix does."""
+    return max(int(config.trim_beta * num_clients), num_attackers)
+
+
 def table(rows: list[dict[str, Any]]) -> list[str]:
     names = list(rows[0]["rules"])
     lines = [
-        "| round | spread / mean (median) | coordinates spread > mean | "
+        "| round | spread / mean (median) | coordinates spread > mean | agreement | "
         + " | ".join(f"{n} step (error)" for n in names)
         + " |",
-        "| --- " * (3 + len(names)) + "|",
+        "| --- " * (4 + len(names)) + "|",
     ]
     for r in rows:
         cells = [f"{r['rules'][n]['step']:.2f} ({r['rules'][n]['error']:.2f})" for n in names]
         lines.append(
             f"| {r['round']} | {r['spread_over_mean']:.1f} | {r['share_spread_above_mean']:.0%} | "
-            + " | ".join(cells)
-            + " |"
+            f"{r['agreement']:.2f} | " + " | ".join(cells) + " |"
         )
     return lines
 
@@ -148,13 +184,21 @@ def main(argv: list[str] | None = None) -> int:
         config = FedaeConfig().with_overrides({**BASE, **parse_key_values(args.run_config)})
         if min(args.rounds) < 1:
             raise ConfigError(f"--rounds must be 1 or more, got {args.rounds}")
-    except ConfigError as err:
+        attackers = malicious_clients(config.num_clients, args.fraction, config.seed)
+    except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = measure(config, sorted(set(args.rounds)), args.fraction, args.scale)
     print("\n".join(table(rows)))
     if args.out:
-        args.out.write_text(json.dumps({"run_config": config.to_run_config(), "rows": rows}, indent=2))
+        measured = {
+            "fraction": args.fraction,
+            "scale": args.scale,
+            "attackers": sorted(attackers),
+            "trim": covering_trim(config, config.num_clients, len(attackers)),
+        }
+        record = {"measured": measured, "run_config": config.to_run_config(), "rows": rows}
+        args.out.write_text(json.dumps(record, indent=2))
     return 0
 
 
