@@ -76,6 +76,78 @@ def test_incomplete_or_foreign_bundles_are_refused(tmp_path, rng) -> None:
         load_bundle(tmp_path / "b")
 
 
+def _tiny_bundle(folder, rng) -> Detector:
+    x = rng.normal(size=(10, 5)).astype(np.float32)
+    scaler = Scaler.fit(x, "tabular", None, flatten=True)
+    spec = ModelSpec("dense", (5,), 2, "linear")
+    detector = Detector(build_model(spec), spec, scaler, ResidualScorer("mse", None), 1.0, "percentile", {})
+    save_bundle(detector, folder)
+    return detector
+
+
+def test_the_manifest_vouches_for_every_file_with_its_sha256_and_the_writers_versions(tmp_path, rng) -> None:
+    import hashlib
+    import importlib.metadata
+
+    import tensorflow as tf
+
+    _tiny_bundle(tmp_path / "b", rng)
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    on_disk = sorted(p.name for p in (tmp_path / "b").iterdir() if p.name != "manifest.json")
+    assert (
+        sorted(manifest["files"])
+        == on_disk
+        == ["metadata.json", "model.keras", "preprocessing.json", "threshold.json"]
+    )
+    for name, entry in manifest["files"].items():
+        data = (tmp_path / "b" / name).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert manifest["versions"]["tensorflow"] == tf.__version__
+    assert manifest["versions"]["flwr"] == importlib.metadata.version("flwr")
+    assert manifest["format"] == 2 and manifest["created"].endswith("+00:00")
+
+
+@pytest.mark.parametrize("change", ["model", "threshold", "extra", "missing-listed"])
+def test_a_tampered_bundle_is_refused_naming_the_file(tmp_path, rng, change: str) -> None:
+    _tiny_bundle(tmp_path / "b", rng)
+    folder = tmp_path / "b"
+    if change == "model":  # one byte of the weights' archive
+        data = bytearray((folder / "model.keras").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (folder / "model.keras").write_bytes(bytes(data))
+        needle = r"model\.keras: content differs"
+    elif change == "threshold":  # a raised threshold hides anomalies: the most useful lie
+        threshold = json.loads((folder / "threshold.json").read_text())
+        threshold["threshold"] = 1e9
+        (folder / "threshold.json").write_text(json.dumps(threshold))
+        needle = r"threshold\.json: content differs"
+    elif change == "extra":
+        (folder / "custom_layer.py").write_text("import os")
+        needle = r"custom_layer\.py: not in the manifest"
+    else:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"]["calibration.npz"] = {"sha256": "0" * 64, "bytes": 1}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        needle = r"calibration\.npz: listed but missing"
+    with pytest.raises(ValueError, match=needle):
+        load_bundle(folder)
+
+
+def test_a_bundle_without_a_readable_manifest_is_refused(tmp_path, rng) -> None:
+    _tiny_bundle(tmp_path / "b", rng)
+    (tmp_path / "b" / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable bundle manifest"):
+        load_bundle(tmp_path / "b")
+    (tmp_path / "b" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"missing manifest\.json"):
+        load_bundle(tmp_path / "b")
+    # A format-1 bundle (written before manifests) is told to re-export, not called tampered.
+    meta = json.loads((tmp_path / "b" / "metadata.json").read_text())
+    (tmp_path / "b" / "metadata.json").write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(ValueError, match=r"format 1 is not supported.*export the run's bundle again"):
+        load_bundle(tmp_path / "b")
+
+
 def test_scaler_round_trip_and_shape_check(rng) -> None:
     x = rng.normal(5.0, 2.0, size=(500, 3)).astype(np.float32)
     x[:, 2] = 7.0  # a constant column must not divide by zero
