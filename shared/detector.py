@@ -9,7 +9,8 @@ before it reads the model, and refuses a bundle with a changed, missing or unlis
 
 The checksums catch a corrupted copy and a file swapped in the bundle; someone who can rewrite the
 manifest too is not stopped by them (that needs a signature, which a deployment can add around the
-bundle).
+bundle), nor is someone who swaps a file between the check and the load (anyone who can write the
+folder while it is loaded is outside what a checksum can answer).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ BUNDLE_FORMAT = 2  # 2: manifest.json with checksums and versions
 MANIFEST = "manifest.json"
 BUNDLE_FILES = ("model.keras", "preprocessing.json", "threshold.json", "metadata.json", MANIFEST)
 _VERSIONED = ("fedae", "tensorflow", "tf-keras", "flwr")  # read from the installed distributions
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def fit_threshold(errors: np.ndarray, rule: str, percentile: float = 95.0, k: float = 3.0) -> float:
@@ -94,8 +97,13 @@ class Detector:
 
 
 def save_bundle(detector: Detector, folder: str | Path) -> Path:
+    """Write the bundle into ``folder`` (new, or holding only an earlier bundle's files, which it
+    replaces); anything else there is refused rather than overwritten or vouched for."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in BUNDLE_FILES)
+    if foreign:
+        raise ValueError(f"{folder}: refusing to write a bundle beside other files: {', '.join(foreign)}")
     detector.model.save(folder / "model.keras")
     (folder / "preprocessing.json").write_text(json.dumps(detector.scaler.to_dict()))
     (folder / "threshold.json").write_text(
@@ -123,7 +131,7 @@ def save_bundle(detector: Detector, folder: str | Path) -> Path:
         **detector.metadata,
     }
     (folder / "metadata.json").write_text(json.dumps(metadata, indent=2, default=_json_default))
-    write_manifest(folder)  # last: it vouches for every file written before it
+    write_manifest(folder, [n for n in BUNDLE_FILES if n != MANIFEST])  # last: it vouches for the rest
     return folder
 
 
@@ -135,12 +143,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _bundle_files(folder: Path) -> list[str]:
-    return sorted(
-        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
-    )
-
-
 def _version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)
@@ -148,9 +150,9 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def write_manifest(folder: str | Path) -> dict[str, Any]:
-    """Write ``manifest.json``: every file's SHA-256 and size, the creation time (UTC) and the versions
-    of the software that wrote the bundle."""
+def write_manifest(folder: str | Path, names: list[str]) -> dict[str, Any]:
+    """Write ``manifest.json`` for the files ``names`` in ``folder``: each one's SHA-256 and size, the
+    creation time (UTC) and the versions of the software that wrote the bundle."""
     folder = Path(folder)
     manifest = {
         "format": BUNDLE_FORMAT,
@@ -158,32 +160,59 @@ def write_manifest(folder: str | Path) -> dict[str, Any]:
         "versions": {name: _version(name) for name in _VERSIONED},
         "files": {
             name: {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size}
-            for name in _bundle_files(folder)
+            for name in sorted(names)
         },
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
-def verify_bundle(folder: str | Path) -> dict[str, Any]:
-    """The bundle's manifest, once every file matches it; ValueError naming each file that does not
-    (changed, missing, or not listed)."""
-    folder = Path(folder)
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        listed = manifest["files"]
-        if not isinstance(listed, dict):
-            raise TypeError(f"'files' is a {type(listed).__name__}")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{folder / MANIFEST}: not a readable bundle manifest ({err})") from err
-    problems = []
-    for name, entry in sorted(listed.items()):
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{name}: listed but missing")
-        elif not isinstance(entry, dict) or _sha256(path) != entry.get("sha256"):
-            problems.append(f"{name}: content differs from its SHA-256 in the manifest")
-    problems += [f"{name}: not in the manifest" for name in _bundle_files(folder) if name not in listed]
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable {what} ({err})") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a readable {what} (a JSON {type(value).__name__}, not an object)")
+    return value
+
+
+def _entry_problem(name: str, entry: Any, path: Path) -> str | None:
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("sha256"), str)
+        or not _HEX64.fullmatch(entry["sha256"])
+        or not isinstance(entry.get("bytes"), int)
+    ):
+        return f"{name}: malformed manifest entry {entry!r}"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"{name}: {size} bytes, the manifest says {entry['bytes']}"
+    if _sha256(path) != entry["sha256"]:
+        return f"{name}: content differs from its SHA-256 in the manifest"
+    return None
+
+
+def verify_bundle(folder: str | Path) -> dict[str, Any]:
+    """The bundle's manifest, once every entry of the folder matches it; ValueError naming each one that
+    does not (changed, missing, not listed, not a plain file, or a malformed manifest entry).
+
+    Names in the manifest are never turned into paths: only the folder's own entries are read, so a
+    manifest cannot point the check at a file outside the bundle."""
+    folder = Path(folder)
+    manifest = _read_json_object(folder / MANIFEST, "bundle manifest")
+    listed = manifest.get("files")
+    if not isinstance(listed, dict) or not listed:
+        raise ValueError(f"{folder / MANIFEST}: not a readable bundle manifest ('files' lists nothing)")
+    present = {p.name: p for p in folder.iterdir() if p.name != MANIFEST}
+    problems = [f"{name}: listed but missing" for name in sorted(listed) if name not in present]
+    for name, path in sorted(present.items()):
+        if path.is_symlink() or not path.is_file():
+            problems.append(f"{name}: not a plain file")
+        elif name not in listed:
+            problems.append(f"{name}: not in the manifest")
+        elif problem := _entry_problem(name, listed[name], path):
+            problems.append(problem)
     if problems:
         raise ValueError(
             f"{folder}: refusing a bundle that does not match its manifest: " + "; ".join(problems)
@@ -200,8 +229,12 @@ def load_bundle(folder: str | Path) -> Detector:
     missing = [n for n in BUNDLE_FILES if not (folder / n).is_file()]
     if missing and missing != [MANIFEST]:
         raise ValueError(f"{folder} is not a fedae bundle: missing {', '.join(missing)}")
-    # The format before the manifest: a bundle from another fedae version is told so, not called tampered.
-    found = json.loads((folder / "metadata.json").read_text()).get("format")
+    # The format before the checksums: a bundle from another fedae version is told so, not called
+    # tampered. With a manifest, its own format field says it (metadata.json is read only once checked).
+    if missing:
+        found = _read_json_object(folder / "metadata.json", "bundle metadata file").get("format")
+    else:
+        found = _read_json_object(folder / MANIFEST, "bundle manifest").get("format")
     if found != BUNDLE_FORMAT:
         raise ValueError(
             f"{folder}: bundle format {found!r} is not supported (this fedae reads format {BUNDLE_FORMAT}; "
@@ -210,7 +243,7 @@ def load_bundle(folder: str | Path) -> Detector:
     if missing:
         raise ValueError(f"{folder}: missing {MANIFEST}: the bundle's files cannot be checked, refusing it")
     verify_bundle(folder)  # before any file is used: the model is only loaded from checked bytes
-    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata = _read_json_object(folder / "metadata.json", "bundle metadata file")
     m = metadata["model"]
     spec = ModelSpec(
         m["kind"],

@@ -66,9 +66,9 @@ def test_incomplete_or_foreign_bundles_are_refused(tmp_path, rng) -> None:
         Detector(build_model(spec), spec, scaler, ResidualScorer("mse", None), 1.0, "percentile", {}),
         tmp_path / "b",
     )
-    meta = json.loads((tmp_path / "b" / "metadata.json").read_text())
-    meta["format"] = 99
-    (tmp_path / "b" / "metadata.json").write_text(json.dumps(meta))
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    manifest["format"] = 99  # a bundle from a later fedae
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="format 99 is not supported"):
         load_bundle(tmp_path / "b")
     (tmp_path / "b" / "threshold.json").unlink()
@@ -107,8 +107,23 @@ def test_the_manifest_vouches_for_every_file_with_its_sha256_and_the_writers_ver
     assert manifest["format"] == 2 and manifest["created"].endswith("+00:00")
 
 
-@pytest.mark.parametrize("change", ["model", "threshold", "extra", "missing-listed"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "model",
+        "threshold",
+        "extra",
+        "missing-listed",
+        "outside",
+        "nested-manifest",
+        "symlink",
+        "malformed",
+        "size",
+    ],
+)
 def test_a_tampered_bundle_is_refused_naming_the_file(tmp_path, rng, change: str) -> None:
+    import hashlib
+
     _tiny_bundle(tmp_path / "b", rng)
     folder = tmp_path / "b"
     if change == "model":  # one byte of the weights' archive
@@ -120,15 +135,40 @@ def test_a_tampered_bundle_is_refused_naming_the_file(tmp_path, rng, change: str
         threshold = json.loads((folder / "threshold.json").read_text())
         threshold["threshold"] = 1e9
         (folder / "threshold.json").write_text(json.dumps(threshold))
-        needle = r"threshold\.json: content differs"
+        needle = r"threshold\.json: (content differs|\d+ bytes, the manifest says)"
     elif change == "extra":
         (folder / "custom_layer.py").write_text("import os")
         needle = r"custom_layer\.py: not in the manifest"
-    else:
+    elif change == "missing-listed":
         manifest = json.loads((folder / "manifest.json").read_text())
         manifest["files"]["calibration.npz"] = {"sha256": "0" * 64, "bytes": 1}
         (folder / "manifest.json").write_text(json.dumps(manifest))
         needle = r"calibration\.npz: listed but missing"
+    elif change == "outside":  # names in the manifest never become paths: nothing outside is read
+        outside = tmp_path / "outside.txt"
+        outside.write_text("host file")
+        digest = hashlib.sha256(outside.read_bytes()).hexdigest()
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"]["../outside.txt"] = {"sha256": digest, "bytes": outside.stat().st_size}
+        manifest["files"]["/etc/hostname"] = {"sha256": "0" * 64, "bytes": 1}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        needle = r"\.\./outside\.txt: listed but missing.*/etc/hostname: listed but missing"
+    elif change == "nested-manifest":
+        (folder / "sub").mkdir()
+        (folder / "sub" / "manifest.json").write_text("{}")
+        needle = "sub: not a plain file"
+    elif change == "symlink":
+        (folder / "data").symlink_to(tmp_path)
+        needle = "data: not a plain file"
+    elif change == "malformed":
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"]["threshold.json"] = {"sha256": 7, "bytes": "x"}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        needle = r"threshold\.json: malformed manifest entry"
+    else:
+        with (folder / "preprocessing.json").open("a") as handle:
+            handle.write(" ")
+        needle = r"preprocessing\.json: \d+ bytes, the manifest says \d+"
     with pytest.raises(ValueError, match=needle):
         load_bundle(folder)
 
@@ -143,6 +183,9 @@ def test_a_bundle_without_a_readable_manifest_is_refused(tmp_path, rng) -> None:
         load_bundle(tmp_path / "b")
     # A format-1 bundle (written before manifests) is told to re-export, not called tampered.
     meta = json.loads((tmp_path / "b" / "metadata.json").read_text())
+    (tmp_path / "b" / "metadata.json").write_text(json.dumps([meta]))
+    with pytest.raises(ValueError, match=r"not a readable bundle metadata file \(a JSON list"):
+        load_bundle(tmp_path / "b")
     (tmp_path / "b" / "metadata.json").write_text(json.dumps({**meta, "format": 1}))
     with pytest.raises(ValueError, match=r"format 1 is not supported.*export the run's bundle again"):
         load_bundle(tmp_path / "b")
@@ -160,3 +203,13 @@ def test_scaler_round_trip_and_shape_check(rng) -> None:
     np.testing.assert_array_equal(again.transform(x), z)
     with pytest.raises(ValueError, match="expected examples of shape"):
         scaler.transform(x[:, :2])
+
+
+def test_a_bundle_is_not_written_beside_foreign_files_and_replaces_its_own(tmp_path, rng) -> None:
+    detector = _tiny_bundle(tmp_path / "b", rng)
+    save_bundle(detector, tmp_path / "b")  # over an earlier bundle: its own files are replaced
+    assert load_bundle(tmp_path / "b").threshold == 1.0
+    (tmp_path / "b" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"beside other files: notes\.txt"):
+        save_bundle(detector, tmp_path / "b")
+    assert (tmp_path / "b" / "notes.txt").read_text() == "keep me"
