@@ -452,9 +452,8 @@ def _plot(
         grid = np.full((len(attacks), len(defences)), np.nan)
         partial = np.zeros(grid.shape, dtype=bool)
         for (i, j), aucs in found.items():
-            finite = [a for a in aucs if math.isfinite(a)]
-            grid[i, j] = np.mean(finite) if finite else np.nan  # as the table: the finite runs' mean
-            partial[i, j] = 0 < len(finite) < len(aucs)
+            grid[i, j] = _finite_mean(aucs)  # as the table: the finite runs' mean
+            partial[i, j] = 0 < sum(map(math.isfinite, aucs)) < len(aucs)
         image = ax.imshow(grid, vmin=0.5, vmax=1.0, cmap="viridis")
         for (i, j), value in np.ndenumerate(grid):
             ax.text(
