@@ -27,12 +27,15 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_score, recall_score, roc_auc_score
 
+from shared.drift import DriftReference
 from shared.preprocess import Scaler
 from shared.scoring import ResidualScorer
 
 BUNDLE_FORMAT = 2  # 2: manifest.json with checksums and versions
 MANIFEST = "manifest.json"
 BUNDLE_FILES = ("model.keras", "preprocessing.json", "threshold.json", "metadata.json", MANIFEST)
+DRIFT_FILE = "drift.json"  # the calibration scores' distribution (shared.drift); absent in hand-made bundles
+OPTIONAL_FILES = (DRIFT_FILE,)
 _VERSIONED = ("fedae", "tensorflow", "tf-keras", "flwr")  # read from the installed distributions
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -85,6 +88,7 @@ class Detector:
     threshold: float
     threshold_rule: str
     metadata: dict[str, Any]
+    drift_reference: DriftReference | None = None  # calibration scores, for drift monitoring
 
     def score(self, x_raw: np.ndarray) -> np.ndarray:
         from shared.models import residuals
@@ -101,7 +105,8 @@ def save_bundle(detector: Detector, folder: str | Path) -> Path:
     replaces); anything else there is refused rather than overwritten or vouched for."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in BUNDLE_FILES)
+    ours = BUNDLE_FILES + OPTIONAL_FILES
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours)
     if foreign:
         raise ValueError(f"{folder}: refusing to write a bundle beside other files: {', '.join(foreign)}")
     detector.model.save(folder / "model.keras")
@@ -131,7 +136,14 @@ def save_bundle(detector: Detector, folder: str | Path) -> Path:
         **detector.metadata,
     }
     (folder / "metadata.json").write_text(json.dumps(metadata, indent=2, default=_json_default))
-    write_manifest(folder, [n for n in BUNDLE_FILES if n != MANIFEST])  # last: it vouches for the rest
+    names = [n for n in BUNDLE_FILES if n != MANIFEST]
+    drift = folder / DRIFT_FILE
+    if detector.drift_reference is not None:
+        drift.write_text(json.dumps(detector.drift_reference.to_dict()))
+        names.append(DRIFT_FILE)
+    elif drift.exists():  # an earlier bundle's reference would describe another model's scores
+        drift.unlink()
+    write_manifest(folder, names)  # last: it vouches for the rest
     return folder
 
 
@@ -256,7 +268,15 @@ def load_bundle(folder: str | Path) -> Detector:
     threshold = json.loads((folder / "threshold.json").read_text())
     scaler = Scaler.from_dict(json.loads((folder / "preprocessing.json").read_text()))
     scorer = ResidualScorer.from_dict(threshold["scorer"])
-    return Detector(model, spec, scaler, scorer, float(threshold["threshold"]), threshold["rule"], metadata)
+    drift = None
+    if (folder / DRIFT_FILE).is_file():  # checked above: a drift.json present is listed in the manifest
+        try:
+            drift = DriftReference.from_dict(_read_json_object(folder / DRIFT_FILE, "drift reference"))
+        except ValueError as err:
+            raise ValueError(f"{folder / DRIFT_FILE}: {err}") from err
+    return Detector(
+        model, spec, scaler, scorer, float(threshold["threshold"]), threshold["rule"], metadata, drift
+    )
 
 
 def _json_default(value: Any) -> Any:

@@ -20,6 +20,7 @@ from shared import privacy
 from shared.config import FedaeConfig
 from shared.data.sources import DataSpec, ServerData, load_client_data, load_server_data, num_clients_for
 from shared.detector import Detector, describe_rule, detection_metrics, fit_threshold, save_bundle
+from shared.drift import DriftReference
 from shared.models import residuals
 from shared.preprocess import Scaler
 from shared.scoring import ResidualScorer
@@ -257,13 +258,12 @@ def finish(
     trainer = trainer_for(config, setup.spec, setup.scaler)
     trainer.set_weights(weights)
     spec = trainer.spec
+    x_calibration = setup.scaler.transform(setup.data.x_calibration)
     scorer, threshold, test_scores = fit_and_score(
-        config,
-        trainer.model,
-        spec,
-        setup.scaler.transform(setup.data.x_calibration),
-        setup.scaler.transform(setup.data.x_test),
+        config, trainer.model, spec, x_calibration, setup.scaler.transform(setup.data.x_test)
     )
+    # The reference that deployed drift monitors compare live scores with (shared/drift.py).
+    drift_reference = DriftReference.from_scores(scorer.score(residuals(trainer.model, spec, x_calibration)))
     detector_metrics = detection_metrics(test_scores, setup.data.y_test, threshold)
     robustness_section = _robustness(setup, trainer, scorer, threshold)
     rule = describe_rule(config.threshold_rule, config.threshold_percentile, config.threshold_k)
@@ -301,6 +301,7 @@ def finish(
                 "created": datetime.now(UTC).isoformat(),
             },
         },
+        drift_reference,
     )
     save_bundle(detector, out_dir / "bundle")
 

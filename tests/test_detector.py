@@ -213,3 +213,40 @@ def test_a_bundle_is_not_written_beside_foreign_files_and_replaces_its_own(tmp_p
     with pytest.raises(ValueError, match=r"beside other files: notes\.txt"):
         save_bundle(detector, tmp_path / "b")
     assert (tmp_path / "b" / "notes.txt").read_text() == "keep me"
+
+
+def test_bundle_carries_its_drift_reference_and_drops_a_stale_one(tmp_path, rng) -> None:
+    from shared.drift import DriftReference
+
+    x = rng.normal(size=(30, 6)).astype(np.float32)
+    scaler = Scaler.fit(x, "tabular", None, flatten=True)
+    spec = ModelSpec("dense", scaler.model_input_shape, 2, "linear")
+    reference = DriftReference.from_scores(rng.gamma(2.0, size=500))
+    detector = Detector(
+        build_model(spec), spec, scaler, ResidualScorer("mse", None), 1.0, "percentile", {}, reference
+    )
+    save_bundle(detector, tmp_path / "b")
+    assert load_bundle(tmp_path / "b").drift_reference == reference
+    # The same folder re-exported without a reference: the old drift.json must not survive, since it
+    # described the earlier model's scores (and an unlisted file would make the bundle unloadable).
+    detector.drift_reference = None
+    save_bundle(detector, tmp_path / "b")
+    assert not (tmp_path / "b" / "drift.json").exists()
+    assert load_bundle(tmp_path / "b").drift_reference is None
+
+
+def test_bundle_with_a_malformed_drift_reference_is_refused_naming_the_file(tmp_path, rng) -> None:
+    from shared.detector import write_manifest
+
+    x = rng.normal(size=(30, 6)).astype(np.float32)
+    scaler = Scaler.fit(x, "tabular", None, flatten=True)
+    spec = ModelSpec("dense", scaler.model_input_shape, 2, "linear")
+    folder = save_bundle(
+        Detector(build_model(spec), spec, scaler, ResidualScorer("mse", None), 1.0, "percentile", {}),
+        tmp_path / "b",
+    )
+    (folder / "drift.json").write_text('{"inner_edges": [2, 1]}')
+    names = ["model.keras", "preprocessing.json", "threshold.json", "metadata.json", "drift.json"]
+    write_manifest(folder, names)  # a consistent manifest: the content itself is what is wrong
+    with pytest.raises(ValueError, match="drift.json"):
+        load_bundle(folder)
