@@ -89,6 +89,9 @@ class Detector:
     threshold_rule: str
     metadata: dict[str, Any]
     drift_reference: DriftReference | None = None  # calibration scores, for drift monitoring
+    # "sha256:" + the manifest's digest (first 16 hex digits): names the exact bundle a score came from,
+    # since the manifest covers every file; empty for a detector that was never saved.
+    bundle_id: str = ""
 
     def score(self, x_raw: np.ndarray) -> np.ndarray:
         from shared.models import residuals
@@ -255,6 +258,7 @@ def load_bundle(folder: str | Path) -> Detector:
     if missing:
         raise ValueError(f"{folder}: missing {MANIFEST}: the bundle's files cannot be checked, refusing it")
     verify_bundle(folder)  # before any file is used: the model is only loaded from checked bytes
+    bundle_id = "sha256:" + _sha256(folder / MANIFEST)[:16]
     metadata = _read_json_object(folder / "metadata.json", "bundle metadata file")
     m = metadata["model"]
     spec = ModelSpec(
@@ -275,7 +279,15 @@ def load_bundle(folder: str | Path) -> Detector:
         except ValueError as err:
             raise ValueError(f"{folder / DRIFT_FILE}: {err}") from err
     return Detector(
-        model, spec, scaler, scorer, float(threshold["threshold"]), threshold["rule"], metadata, drift
+        model,
+        spec,
+        scaler,
+        scorer,
+        float(threshold["threshold"]),
+        threshold["rule"],
+        metadata,
+        drift,
+        bundle_id,
     )
 
 

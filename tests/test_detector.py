@@ -1,6 +1,7 @@
 """Thresholds, metrics, and the bundle: saved, loaded in safe mode, scoring identically."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -226,13 +227,17 @@ def test_bundle_carries_its_drift_reference_and_drops_a_stale_one(tmp_path, rng)
         build_model(spec), spec, scaler, ResidualScorer("mse", None), 1.0, "percentile", {}, reference
     )
     save_bundle(detector, tmp_path / "b")
-    assert load_bundle(tmp_path / "b").drift_reference == reference
+    first = load_bundle(tmp_path / "b")
+    assert first.drift_reference == reference
+    assert re.fullmatch(r"sha256:[0-9a-f]{16}", first.bundle_id)
     # The same folder re-exported without a reference: the old drift.json must not survive, since it
     # described the earlier model's scores (and an unlisted file would make the bundle unloadable).
     detector.drift_reference = None
     save_bundle(detector, tmp_path / "b")
     assert not (tmp_path / "b" / "drift.json").exists()
-    assert load_bundle(tmp_path / "b").drift_reference is None
+    second = load_bundle(tmp_path / "b")
+    assert second.drift_reference is None
+    assert second.bundle_id != first.bundle_id  # another bundle, another id
 
 
 def test_bundle_with_a_malformed_drift_reference_is_refused_naming_the_file(tmp_path, rng) -> None:
@@ -248,5 +253,5 @@ def test_bundle_with_a_malformed_drift_reference_is_refused_naming_the_file(tmp_
     (folder / "drift.json").write_text('{"inner_edges": [2, 1]}')
     names = ["model.keras", "preprocessing.json", "threshold.json", "metadata.json", "drift.json"]
     write_manifest(folder, names)  # a consistent manifest: the content itself is what is wrong
-    with pytest.raises(ValueError, match="drift.json"):
+    with pytest.raises(ValueError, match=r"drift\.json"):
         load_bundle(folder)
