@@ -70,6 +70,33 @@ def _parser() -> argparse.ArgumentParser:
     robust.add_argument("--json", action="store_true", help="print the evaluation as JSON")
     robust.add_argument("--verbose", action="store_true", help="show TensorFlow's own logs")
 
+    bundle = sub.add_parser(
+        "bundle", help="inspect, pack or add exports to a detector bundle"
+    ).add_subparsers(dest="bundle_command", required=True)
+    inspect = bundle.add_parser("inspect", help="check a bundle's files and print what it holds")
+    inspect.add_argument("bundle", metavar="BUNDLE", help="a bundle folder or .tar.gz")
+    inspect.add_argument("--json", action="store_true", help="print it as JSON")
+    pack = bundle.add_parser("pack", help="check a bundle folder and write it as one .tar.gz")
+    pack.add_argument("bundle", metavar="BUNDLE")
+    pack.add_argument("--out", metavar="FILE", help="the archive (default: BUNDLE.tar.gz beside it)")
+    export = bundle.add_parser(
+        "export",
+        help="add serving exports (SavedModel, TFLite) to a checked bundle; its manifest is rewritten",
+    )
+    export.add_argument("bundle", metavar="BUNDLE")
+    export.add_argument(
+        "--formats",
+        required=True,
+        help="comma-separated: savedmodel, tflite-float16, tflite-int8 (replaces the bundle's exports)",
+    )
+    export.add_argument(
+        "--representative",
+        metavar="FILE",
+        help="CSV/Parquet/NPZ rows in the bundle's schema that set the int8 ranges (public data or your own; "
+        "never a client's); default: synthetic rows",
+    )
+    export.add_argument("--verbose", action="store_true", help="show TensorFlow's own logs")
+
     privacy = sub.add_parser("privacy", help="privacy accounting of a run").add_subparsers(
         dest="privacy_command", required=True
     )
@@ -356,6 +383,52 @@ def _robustness(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _bundle(args: argparse.Namespace) -> int:
+    import json
+
+    from shared.data.errors import DataError
+    from shared.detector import BundleError, load_bundle, pack_bundle, save_bundle
+
+    if args.bundle_command == "inspect":
+        from shared.bundle_info import describe_bundle, format_bundle
+
+        info = describe_bundle(args.bundle)
+        print(json.dumps(info, indent=2) if args.json else format_bundle(info))
+    elif args.bundle_command == "pack":
+        print(pack_bundle(args.bundle, args.out))
+    else:
+        from shared.export import parse_exports
+
+        try:
+            kinds = parse_exports(args.formats)
+        except ValueError as err:
+            raise BundleError(f"--formats: {err}") from err
+        if str(args.bundle).endswith(".tar.gz"):
+            raise BundleError(
+                f"{args.bundle}: exports are added to a bundle folder; unpack the archive first"
+            )
+        # Loaded (so every file is checked) before anything is written: the rewritten manifest vouches
+        # only for files that matched the old one.
+        detector = load_bundle(args.bundle)
+        representative = None
+        if args.representative:
+            from shared.data.files import align_columns, read_table
+            from shared.export import Representative
+
+            table = read_table(args.representative)
+            names = tuple(detector.metadata.get("input_schema", {}).get("feature_names") or ())
+            rows = align_columns(table, names) if names else table.x
+            if rows.shape[1:] != detector.scaler.input_shape:
+                raise DataError(
+                    f"rows of shape {rows.shape[1:]}, the bundle takes {detector.scaler.input_shape}",
+                    path=args.representative,
+                )
+            representative = Representative.from_rows(rows, f"rows of {args.representative}")
+        save_bundle(detector, args.bundle, kinds, representative)
+        print(f"{args.bundle}: exports {', '.join(kinds) or 'none'}; manifest rewritten")
+    return EXIT_OK
+
+
 def _scenarios(_: argparse.Namespace) -> int:
     from simulations import scenarios
 
@@ -392,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": _scenarios,
         "privacy": _privacy,
         "robustness": _robustness,
+        "bundle": _bundle,
         "certs": _certs,
         "superlink": _superlink,
         "supernode": _supernode,

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from shared.export import parse_exports
+
 SCENARIOS = ("fleet", "digits", "wdbc", "mnist", "files")
 MODELS = ("dense", "conv", "vae")
 ACTIVATIONS = ("relu", "elu", "gelu", "tanh")
@@ -124,6 +126,9 @@ class FedaeConfig:
     label_column: str = "label"
     out_dir: str = ""
     state_dir: str = ""
+    # The bundle's serving exports besides model.keras (shared/export.py): "savedmodel", "tflite-float16",
+    # "tflite-int8", comma-separated, or "none".
+    bundle_exports: str = "savedmodel"
     # The adversarial-robustness evaluation every run ends with (shared/robustness.py): budgets in the
     # model's input space, on a stratified sample of this many labelled test rows (0: no evaluation),
     # and the score-only attack's query budget per row (0: no black-box attack).
@@ -338,6 +343,10 @@ class FedaeConfig:
                 f"robustness-rows and robustness-queries must be >= 0, got {self.robustness_rows} and "
                 f"{self.robustness_queries}"
             )
+        try:
+            parse_exports(self.bundle_exports)
+        except ValueError as err:
+            raise ConfigError(f"bundle-exports: {err}") from err
         budgets = 0
         for key in ("robustness-linf-epsilons", "robustness-l2-epsilons"):
             try:

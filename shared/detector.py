@@ -19,7 +19,10 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
+import os
 import re
+import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,9 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_score, recall_score, roc_auc_score
 
+from shared.data.errors import BundleError
 from shared.drift import DriftReference
+from shared.export import EXPORT_ENTRIES, Representative, write_exports
 from shared.preprocess import Scaler
 from shared.scoring import ResidualScorer
 
@@ -103,15 +108,23 @@ class Detector:
         return scores, (scores > self.threshold).astype(np.int64)
 
 
-def save_bundle(detector: Detector, folder: str | Path) -> Path:
+def save_bundle(
+    detector: Detector,
+    folder: str | Path,
+    exports: tuple[str, ...] = (),
+    representative: Representative | None = None,
+) -> Path:
     """Write the bundle into ``folder`` (new, or holding only an earlier bundle's files, which it
-    replaces); anything else there is refused rather than overwritten or vouched for."""
+    replaces); anything else there is refused rather than overwritten or vouched for.
+
+    ``exports``: serving exports to add (``shared.export.EXPORT_KINDS``: a SavedModel, TFLite files);
+    ``representative``: the int8 export's calibration rows (``shared.export.Representative``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ours = BUNDLE_FILES + OPTIONAL_FILES
+    ours = BUNDLE_FILES + OPTIONAL_FILES + EXPORT_ENTRIES
     foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours)
     if foreign:
-        raise ValueError(f"{folder}: refusing to write a bundle beside other files: {', '.join(foreign)}")
+        raise BundleError(f"{folder}: refusing to write a bundle beside other files: {', '.join(foreign)}")
     detector.model.save(folder / "model.keras")
     (folder / "preprocessing.json").write_text(json.dumps(detector.scaler.to_dict()))
     (folder / "threshold.json").write_text(
@@ -137,9 +150,10 @@ def save_bundle(detector: Detector, folder: str | Path) -> Path:
             "activation": spec.activation,
         },
         **detector.metadata,
+        "exports": write_exports(detector, folder, exports, representative),
     }
     (folder / "metadata.json").write_text(json.dumps(metadata, indent=2, default=_json_default))
-    names = [n for n in BUNDLE_FILES if n != MANIFEST]
+    names = [n for n in BUNDLE_FILES if n != MANIFEST] + _export_files(folder)
     drift = folder / DRIFT_FILE
     if detector.drift_reference is not None:
         drift.write_text(json.dumps(detector.drift_reference.to_dict()))
@@ -148,6 +162,38 @@ def save_bundle(detector: Detector, folder: str | Path) -> Path:
         drift.unlink()
     write_manifest(folder, names)  # last: it vouches for the rest
     return folder
+
+
+def _export_files(folder: Path) -> list[str]:
+    """The bundle-relative names (``saved_model/variables/...``) of every file the exports wrote."""
+    names = []
+    for entry in EXPORT_ENTRIES:
+        path = folder / entry
+        if path.is_dir():
+            names += [p.relative_to(folder).as_posix() for p in sorted(path.rglob("*")) if p.is_file()]
+        elif path.is_file():
+            names.append(entry)
+    return names
+
+
+def _walk(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """Every plain file under ``folder`` by its bundle-relative name, and the entries that are not plain
+    files or folders (symlinks anywhere, devices, sockets): walked without following links."""
+    files: dict[str, Path] = {}
+    odd: list[str] = []
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        base = Path(root)
+        for name in sorted(dirs):
+            if (base / name).is_symlink():
+                odd.append((base / name).relative_to(folder).as_posix())
+        for name in sorted(names):
+            path = base / name
+            relative = path.relative_to(folder).as_posix()
+            if path.is_symlink() or not path.is_file():
+                odd.append(relative)
+            else:
+                files[relative] = path
+    return files, odd
 
 
 def _sha256(path: Path) -> str:
@@ -186,9 +232,9 @@ def _read_json_object(path: Path, what: str) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable {what} ({err})") from err
+        raise BundleError(f"{path}: not a readable {what} ({err})") from err
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: not a readable {what} (a JSON {type(value).__name__}, not an object)")
+        raise BundleError(f"{path}: not a readable {what} (a JSON {type(value).__name__}, not an object)")
     return value
 
 
@@ -215,35 +261,98 @@ def verify_bundle(folder: str | Path) -> dict[str, Any]:
     Names in the manifest are never turned into paths: only the folder's own entries are read, so a
     manifest cannot point the check at a file outside the bundle."""
     folder = Path(folder)
+    if (folder / MANIFEST).is_symlink():  # a link could make the manifest vouch from outside the bundle
+        raise BundleError(f"{folder / MANIFEST}: not a plain file (a symbolic link), refusing the bundle")
     manifest = _read_json_object(folder / MANIFEST, "bundle manifest")
     listed = manifest.get("files")
     if not isinstance(listed, dict) or not listed:
-        raise ValueError(f"{folder / MANIFEST}: not a readable bundle manifest ('files' lists nothing)")
-    present = {p.name: p for p in folder.iterdir() if p.name != MANIFEST}
-    problems = [f"{name}: listed but missing" for name in sorted(listed) if name not in present]
+        raise BundleError(f"{folder / MANIFEST}: not a readable bundle manifest ('files' lists nothing)")
+    present, odd = _walk(folder)
+    present.pop(MANIFEST, None)
+    problems = [f"{name}: not a plain file" for name in odd]
+    problems += [
+        f"{name}: listed but missing" for name in sorted(listed) if name not in present and name not in odd
+    ]
     for name, path in sorted(present.items()):
-        if path.is_symlink() or not path.is_file():
-            problems.append(f"{name}: not a plain file")
-        elif name not in listed:
+        if name not in listed:
             problems.append(f"{name}: not in the manifest")
         elif problem := _entry_problem(name, listed[name], path):
             problems.append(problem)
     if problems:
-        raise ValueError(
+        raise BundleError(
             f"{folder}: refusing a bundle that does not match its manifest: " + "; ".join(problems)
         )
     return manifest
 
 
-def load_bundle(folder: str | Path) -> Detector:
-    """Load a bundle folder; Keras loads the model in safe mode (no code from the bundle runs)."""
+def bundle_id(folder: str | Path) -> str:
+    """``sha256:`` and the manifest's first 16 hex digits: the manifest covers every file, so this names
+    the exact bundle (the service's ``model_version``)."""
+    return "sha256:" + _sha256(Path(folder) / MANIFEST)[:16]
 
+
+ARCHIVE_SUFFIX = ".tar.gz"
+
+
+def is_archive(path: str | Path) -> bool:
+    return str(path).endswith(ARCHIVE_SUFFIX)
+
+
+def pack_bundle(folder: str | Path, archive: str | Path | None = None) -> Path:
+    """The checked bundle ``folder`` as one ``.tar.gz`` (default: beside it, ``<folder>.tar.gz``) holding
+    the folder under its own name; written to a temporary name first, so a failure leaves no archive."""
+    folder = Path(folder)
+    verify_bundle(folder)  # an archive of a tampered bundle would carry the tampering on, checked or not
+    archive = Path(archive) if archive is not None else folder.with_name(folder.name + ARCHIVE_SUFFIX)
+    if not is_archive(archive):
+        raise BundleError(f"a bundle archive's name must end in {ARCHIVE_SUFFIX}, got {archive}")
+    partial = archive.with_name(archive.name + ".partial")
+    files, _ = _walk(folder)
+    with tarfile.open(partial, "w:gz") as tar:
+        for name in sorted(files):  # files only, in a fixed order: no links, owners are not kept
+            info = tar.gettarinfo(files[name], arcname=f"{folder.name}/{name}")
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            with files[name].open("rb") as handle:
+                tar.addfile(info, handle)
+    partial.replace(archive)
+    return archive
+
+
+def unpack_bundle(archive: Path, into: Path) -> Path:
+    """Extract a bundle archive (regular files and folders only, nothing outside ``into``); its folder."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            odd = [m.name for m in members if not (m.isfile() or m.isdir())]
+            if odd:
+                raise BundleError(f"{archive}: holds entries that are not plain files: {', '.join(odd[:5])}")
+            tops = {m.name.split("/", 1)[0] for m in members}
+            if len(tops) != 1:
+                raise BundleError(f"{archive}: a bundle archive holds one folder, found {sorted(tops)}")
+            # The "data" filter refuses absolute names, ".." and links out of ``into``.
+            tar.extractall(into, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise BundleError(f"{archive}: not a readable bundle archive ({err})") from err
+    return into / tops.pop()
+
+
+def load_bundle(folder: str | Path) -> Detector:
+    """Load a bundle folder or ``.tar.gz`` archive; Keras loads the model in safe mode (no code from the
+    bundle runs). An archive is unpacked into a temporary folder, checked and loaded from there."""
+    if is_archive(folder):
+        with tempfile.TemporaryDirectory(prefix="fedae-bundle-") as scratch:
+            detector = _load_folder(unpack_bundle(Path(folder), Path(scratch)))
+        return detector
+    return _load_folder(Path(folder))
+
+
+def _load_folder(folder: Path) -> Detector:
     from shared.models import ModelSpec, Reparameterize, tf  # noqa: F401  (registers the VAE layer)
 
-    folder = Path(folder)
     missing = [n for n in BUNDLE_FILES if not (folder / n).is_file()]
     if missing and missing != [MANIFEST]:
-        raise ValueError(f"{folder} is not a fedae bundle: missing {', '.join(missing)}")
+        raise BundleError(f"{folder} is not a fedae bundle: missing {', '.join(missing)}")
     # The format before the checksums: a bundle from another fedae version is told so, not called
     # tampered. With a manifest, its own format field says it (metadata.json is read only once checked).
     if missing:
@@ -251,14 +360,14 @@ def load_bundle(folder: str | Path) -> Detector:
     else:
         found = _read_json_object(folder / MANIFEST, "bundle manifest").get("format")
     if found != BUNDLE_FORMAT:
-        raise ValueError(
+        raise BundleError(
             f"{folder}: bundle format {found!r} is not supported (this fedae reads format {BUNDLE_FORMAT}; "
             "export the run's bundle again with it)"
         )
     if missing:
-        raise ValueError(f"{folder}: missing {MANIFEST}: the bundle's files cannot be checked, refusing it")
+        raise BundleError(f"{folder}: missing {MANIFEST}: the bundle's files cannot be checked, refusing it")
     verify_bundle(folder)  # before any file is used: the model is only loaded from checked bytes
-    bundle_id = "sha256:" + _sha256(folder / MANIFEST)[:16]
+    identity = bundle_id(folder)
     metadata = _read_json_object(folder / "metadata.json", "bundle metadata file")
     m = metadata["model"]
     spec = ModelSpec(
@@ -277,7 +386,7 @@ def load_bundle(folder: str | Path) -> Detector:
         try:
             drift = DriftReference.from_dict(_read_json_object(folder / DRIFT_FILE, "drift reference"))
         except ValueError as err:
-            raise ValueError(f"{folder / DRIFT_FILE}: {err}") from err
+            raise BundleError(f"{folder / DRIFT_FILE}: {err}") from err
     return Detector(
         model,
         spec,
@@ -287,7 +396,7 @@ def load_bundle(folder: str | Path) -> Detector:
         threshold["rule"],
         metadata,
         drift,
-        bundle_id,
+        identity,
     )
 
 

@@ -21,6 +21,7 @@ from shared.config import FedaeConfig
 from shared.data.sources import DataSpec, ServerData, load_client_data, load_server_data, num_clients_for
 from shared.detector import Detector, describe_rule, detection_metrics, fit_threshold, save_bundle
 from shared.drift import DriftReference
+from shared.export import Representative, parse_exports
 from shared.models import residuals
 from shared.preprocess import Scaler
 from shared.scoring import ResidualScorer
@@ -123,6 +124,25 @@ def privacy_section(config: FedaeConfig, record: PrivacyRecord) -> dict[str, Any
             else None,
         },
         "client_level": record.client_level or {"enabled": False},
+    }
+
+
+def robustness_headline(section: dict[str, Any]) -> dict[str, Any]:
+    """What the bundle says of the run's robustness evaluation: the clean figures and the strongest
+    white-box and score-only attack per direction and norm at the largest budget (shared.robustness)."""
+    if not section.get("enabled") or "evasion" not in section:
+        return {"enabled": False, **({"reason": section["reason"]} if "reason" in section else {})}
+    from shared.robustness import headline
+
+    return {
+        "enabled": True,
+        "rows": section["rows"],
+        "anomalous_rows": section["anomalous_rows"],
+        "space": section["space"],
+        "clean": section["clean"],
+        "white_box": headline(section),
+        "scores_only": headline(section, ("spsa",)),
+        "details": "the run's summary.json and report.md (docs/ROBUSTNESS.md)",
     }
 
 
@@ -290,6 +310,7 @@ def finish(
             },
             "threshold_rule": rule,
             "privacy": privacy_info,
+            "robustness": robustness_headline(robustness_section),
             "training_run": {
                 "scenario": config.scenario,
                 "rounds": config.num_server_rounds,
@@ -303,7 +324,14 @@ def finish(
         },
         drift_reference,
     )
-    save_bundle(detector, out_dir / "bundle")
+    save_bundle(
+        detector,
+        out_dir / "bundle",
+        parse_exports(config.bundle_exports),
+        Representative.from_rows(
+            setup.data.x_calibration, "rows of the coordinator's normal calibration data (never a client's)"
+        ),
+    )
 
     summary: dict[str, Any] = {
         "scenario": config.scenario,

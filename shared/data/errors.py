@@ -22,3 +22,8 @@ class DataError(ValueError):
 
 class TrainingDataError(DataError):
     """A client's data cannot be trained on with these settings (e.g. fewer rows than a batch)."""
+
+
+class BundleError(DataError):
+    """A detector bundle that cannot be written, read or trusted (changed, missing or unlisted files, an
+    unsupported format, an unsafe archive); the message names the file and why. The CLI's exit code 2."""
