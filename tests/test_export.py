@@ -80,7 +80,7 @@ def test_tflite_float16_agrees_within_tolerance_and_int8_keeps_the_ranking(tmp_p
 
 
 def test_synthetic_representative_rows_follow_the_scaler_not_any_data(rng) -> None:
-    detector, x = _detector(rng, "dense", "mse")
+    detector, _ = _detector(rng, "dense", "mse")
     rows = synthetic_rows(detector, 4000, seed=0)
     z = detector.scaler.transform(rows)
     assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05  # standard normal in the scaled space
