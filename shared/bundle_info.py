@@ -139,7 +139,7 @@ def _robustness_lines(section: dict[str, Any]) -> list[str]:
         for key, row in sorted(worst.items()):
             metric = "detection_rate" if row["direction"] == "evade" else "false_alarm_rate"
             shown = (
-                f"ROC-AUC {row['auc']:.3f}"
+                f"ROC-AUC {clean['auc']:.3f} -> {row['auc']:.3f}"
                 if metric not in clean or row["direction"] == "two-sided"
                 else (f"{metric.replace('_', ' ')} {clean[metric]:.2f} -> {row[metric]:.2f}")
             )
