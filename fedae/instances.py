@@ -86,11 +86,14 @@ class NonFinite:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """One JSON object; a key given twice is refused (json.loads would keep the last value silently)."""
     obj = dict(pairs)
-    if len(obj) != len(pairs):  # json.loads would keep the last value silently
+    if len(obj) != len(pairs):
         seen: set[str] = set()
-        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
-        raise RequestError(422, "duplicate_key", f"key {duplicate!r} appears twice in one JSON object")
+        for key, _ in pairs:
+            if key in seen:
+                raise RequestError(422, "duplicate_key", f"key {key!r} appears twice in one JSON object")
+            seen.add(key)
     return obj
 
 

@@ -114,9 +114,10 @@ class _ScoringService:
         )
         self.metadata = _json_safe(self._describe(drift_window))
         # One Keras model shared by every request thread. tf-keras documents no guarantee that one Model
-        # may be called from several threads at once, so calls take turns. It costs little: a call
-        # already spreads over every core through TensorFlow's own intra-op thread pool, and the Python
-        # around it holds the GIL anyway. Parsing and checking a body happen outside the lock.
+        # may be called from several threads at once, so calls take turns. Little is lost: a call already
+        # spreads over every core through TensorFlow's own intra-op thread pool, and the Python around it
+        # holds the GIL anyway. Parsing and checking a body (most of a large request's time, measured in
+        # docs/BENCHMARKS.md) happen outside the lock.
         self._model_lock = threading.Lock()
         self._warm_up()
 

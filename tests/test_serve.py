@@ -685,7 +685,11 @@ def _start_cli(*args: str) -> subprocess.Popen:
     )
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "stop",
+    [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],  # slow: another service start
+    ids=["SIGINT", "SIGTERM"],
+)
 def test_fedae_serve_scores_and_stops_cleanly(bundle_dir, detector, stop) -> None:
     port = _free_port()
     process = _start_cli(str(bundle_dir), "--port", str(port), "--max-instances", "10")
@@ -715,7 +719,7 @@ def test_fedae_serve_scores_and_stops_cleanly(bundle_dir, detector, stop) -> Non
     assert "Traceback" not in err and f"on http://127.0.0.1:{port}" in err and "stopped" in err
 
 
-def test_fedae_serve_refuses_a_tampered_bundle_and_a_taken_port(bundle_dir, tmp_path) -> None:
+def test_fedae_serve_refuses_a_tampered_bundle_and_bad_flags(bundle_dir, tmp_path) -> None:
     import shutil
 
     tampered = tmp_path / "tampered"
@@ -729,6 +733,13 @@ def test_fedae_serve_refuses_a_tampered_bundle_and_a_taken_port(bundle_dir, tmp_
     assert err.strip().splitlines()[-1].startswith("fedae: error: ") and "threshold.json" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
+    bad = _start_cli(str(bundle_dir), "--max-instances", "0")
+    _, err = bad.communicate(timeout=60)
+    assert bad.returncode == 2 and err.strip() == "fedae: error: --max-instances must be at least 1, got 0"
+
+
+@pytest.mark.slow  # loads the bundle before it finds the port taken
+def test_fedae_serve_refuses_a_taken_port(bundle_dir) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -741,7 +752,3 @@ def test_fedae_serve_refuses_a_tampered_bundle_and_a_taken_port(bundle_dir, tmp_
         == f"fedae: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
     assert "Traceback" not in err
-
-    bad = _start_cli(str(bundle_dir), "--max-instances", "0")
-    _, err = bad.communicate(timeout=60)
-    assert bad.returncode == 2 and err.strip() == "fedae: error: --max-instances must be at least 1, got 0"
