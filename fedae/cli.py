@@ -113,7 +113,41 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--guesses", type=int, default=100, metavar="K", help="canary guesses (default 100)")
     audit.add_argument("--verbose", action="store_true", help="show TensorFlow's own logs")
     _add_deployment_parsers(sub)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub: Any) -> None:
+    from fedae.instances import DEFAULT_DRIFT_WINDOW, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INSTANCES
+
+    serve = sub.add_parser(
+        "serve", help="score over HTTP with an exported detector bundle (docs/DEPLOYMENT.md)"
+    )
+    serve.add_argument("bundle", metavar="BUNDLE", help="a bundle folder (RUN_DIR/bundle)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    serve.add_argument(
+        "--max-instances",
+        type=int,
+        default=DEFAULT_MAX_INSTANCES,
+        metavar="N",
+        help=f"most instances in one request (default {DEFAULT_MAX_INSTANCES})",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        metavar="N",
+        help=f"largest request body (default {DEFAULT_MAX_BODY_BYTES}, 16 MiB)",
+    )
+    serve.add_argument(
+        "--drift-window",
+        type=int,
+        default=DEFAULT_DRIFT_WINDOW,
+        metavar="N",
+        help=f"recent scores the drift statistics and anomaly rate cover (default {DEFAULT_DRIFT_WINDOW})",
+    )
+    serve.add_argument("--verbose", action="store_true", help="uvicorn's access log and debug logging")
 
 
 def _add_deployment_parsers(sub: Any) -> None:
@@ -429,6 +463,50 @@ def _bundle(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from shared.config import ConfigError
+
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
+    for flag in ("max_instances", "max_body_bytes", "drift_window"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    from fedae.serve import bind_socket, create_app, run_server
+    from shared.detector import is_archive, load_bundle
+
+    if not (Path(args.bundle).is_dir() or (is_archive(args.bundle) and Path(args.bundle).is_file())):
+        raise ConfigError(f"{args.bundle}: no such bundle folder or .tar.gz")
+    detector = load_bundle(args.bundle)  # checks every file against the manifest first (BundleError: exit 2)
+    app = create_app(
+        detector,
+        max_instances=args.max_instances,
+        max_body_bytes=args.max_body_bytes,
+        drift_window=args.drift_window,
+    )
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as err:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from err
+    uvicorn_logger = logging.getLogger("uvicorn")  # its start-up, shutdown and error lines, like fedae's
+    uvicorn_logger.handlers = list(logger.handlers)
+    uvicorn_logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    uvicorn_logger.propagate = False
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    logger.info(
+        "serving %s (%s, %s model) on http://%s:%d; Ctrl+C stops it",
+        args.bundle,
+        detector.bundle_id,
+        detector.spec.kind,
+        host,
+        args.port,
+    )
+    run_server(app, sock, access_log=args.verbose)
+    logger.info("stopped")
+    return EXIT_OK
+
+
 def _scenarios(_: argparse.Namespace) -> int:
     from simulations import scenarios
 
@@ -470,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         "superlink": _superlink,
         "supernode": _supernode,
         "run": _run,
+        "serve": _serve,
     }
     try:
         return handlers[args.command](args)
