@@ -121,7 +121,7 @@ def _add_serve_parser(sub: Any) -> None:
     from fedae.instances import DEFAULT_DRIFT_WINDOW, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INSTANCES
 
     serve = sub.add_parser(
-        "serve", help="score over HTTP with an exported detector bundle (docs/DEPLOYMENT.md)"
+        "serve", help="score over HTTP with an exported detector bundle (docs/DETECTOR.md)"
     )
     serve.add_argument("bundle", metavar="BUNDLE", help="a bundle folder (RUN_DIR/bundle)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

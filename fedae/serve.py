@@ -3,7 +3,7 @@
 Endpoints: ``POST /v1/score`` (scores and 0/1 anomaly flags for a batch of instances, one model call per
 request), ``GET /healthz``, ``GET /v1/metadata`` (input schema, threshold, privacy figures, training
 run) and ``GET /metrics`` (Prometheus text format: requests, latency, instances, anomalies, errors,
-score drift). docs/DEPLOYMENT.md, "HTTP service", documents each one.
+score drift). docs/DETECTOR.md, "HTTP service", documents each one.
 
 Bad input never produces a 500: every refusal is a 4xx ``{"error": {"code": ..., "message": ...}}``
 naming the problem (``fedae/instances.py``); only a real internal error is a 500, and its traceback goes
