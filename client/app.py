@@ -13,6 +13,11 @@ composes every event in its ledger (all rounds, all runs).
 
 The same handlers serve both aggregation paths: plain messages, and the SecAgg+ path's legacy content
 (``client/secure.py``), where Flower's ``secaggplus_mod`` masks the weights this handler returns.
+
+With threshold-rule "federated-percentile" the server sends one query ("query.threshold") after the
+rounds; the handler charges the histogram release to the ledger before it replies with the noisy counts
+(``shared.task.threshold_histogram``). A query whose content cannot be used gets an error reply
+(``BAD_QUERY``), as does a refusal (budget) or a data error; none stops the SuperNode.
 """
 
 from __future__ import annotations
@@ -43,11 +48,20 @@ from client.secure import (
 from shared.config import ConfigError, FedaeConfig
 from shared.data.errors import DataError
 from shared.data.sources import DataSpec
-from shared.ledger import PrivacyLedger, ledger_path
+from shared.ledger import LedgerError, PrivacyLedger, ledger_path
 from shared.logs import log_to_stderr
-from shared.privacy import PrivacyRefusal
-from shared.setup import DATA_ERROR, RUN_KEY, SECAGG_CLIPPED, UNIT_WEIGHT, decode_setup
-from shared.task import SiteData, evaluate_client, train_client
+from shared.privacy import CANNOT_ACCOUNT, PrivacyRefusal
+from shared.setup import (
+    BAD_QUERY,
+    DATA_ERROR,
+    RUN_KEY,
+    SECAGG_CLIPPED,
+    THRESHOLD_QUERY,
+    UNIT_WEIGHT,
+    decode_scorer,
+    decode_setup,
+)
+from shared.task import SiteData, evaluate_client, threshold_histogram, train_client
 
 app = ClientApp()
 logger = logging.getLogger("fedae.client")
@@ -182,3 +196,57 @@ def evaluate(msg: Message, context: Context) -> Message:
     if is_legacy(msg):
         return Message(content=evaluate_reply(metrics), reply_to=msg)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query(THRESHOLD_QUERY)
+def threshold(msg: Message, context: Context) -> Message:
+    """The federated threshold's release: this site's noisy score histogram, charged before it leaves."""
+    try:
+        weights = msg.content["arrays"].to_numpy_ndarrays()
+        setup_values = dict(msg.content["config"])
+        config, spec, scaler = decode_setup(setup_values)
+        scorer = decode_scorer(setup_values)
+        if config.threshold_rule != "federated-percentile":
+            raise ValueError(
+                f"the run's threshold-rule is {config.threshold_rule!r}, not 'federated-percentile'"
+            )
+        client_id = _client_id(context)
+    except (KeyError, TypeError, ValueError) as err:
+        return _refuse(msg, BAD_QUERY, f"threshold query refused, its content cannot be used: {err!r}")
+    try:
+        budget = _site_budget(config, context)
+        with PrivacyLedger(ledger_path(_state_dir(config.state_dir, context), client_id)) as ledger:
+            outcome = threshold_histogram(
+                config,
+                spec,
+                scaler,
+                weights,
+                scorer,
+                client_id,
+                ledger,
+                str(setup_values.get(RUN_KEY) or context.run_id),
+                target_epsilon=budget,
+                site=_site(context, spec),
+            )
+    except PrivacyRefusal as refusal:
+        return _refuse(msg, refusal.code, str(refusal))
+    except (DataError, ConfigError) as err:
+        return _data_error(msg, context, err)
+    except LedgerError as err:  # no readable ledger: nothing can be charged, so nothing is released
+        return _refuse(msg, CANNOT_ACCOUNT, f"{_site_name(context)}: {err}")
+    except ValueError as err:  # the model does not fit this run's (checked before any charge)
+        return _refuse(msg, BAD_QUERY, f"{_site_name(context)}: threshold query refused: {err}")
+    metrics = {
+        "client-id": client_id,
+        "num-examples": outcome.num_examples,
+        "release-epsilon": outcome.release_epsilon,
+        "epsilon": outcome.epsilon,
+    }
+    content = RecordDict({"histogram": ArrayRecord([outcome.counts]), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+def _refuse(msg: Message, code: int, reason: str) -> Message:
+    log_to_stderr()
+    logger.warning("%s", reason)
+    return Message(error=Error(code=code, reason=reason), reply_to=msg)

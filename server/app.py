@@ -1,7 +1,8 @@
 """The ServerApp: FedAvg (or FedAdam / FedProx), plain or under SecAgg+, then the detector export.
 
 Flower-facing only: the plain rounds here, the SecAgg+ rounds in ``server.secure``, the round table in
-``server.rounds``; data, model, threshold and report in ``shared.pipeline``.
+``server.rounds``, the federated threshold's query in ``server.threshold``; data, model, threshold and
+report in ``shared.pipeline``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from server import client_dp, resume
+from server import client_dp, resume, threshold
 from server.rounds import RoundBook
 from server.secure import run_secagg_rounds
 from server.strategy import RoundRecorder, TooFewClients, build_strategy
@@ -65,6 +66,17 @@ def run_federation(
             "Lower learning-rate or l2-norm-clip"
         )
     logger.info("training done; fitting the threshold and exporting the detector to %s", setup.out_dir)
+    scorer = pipeline.fit_scorer(setup, book.best_weights)
+    release = None
+    if config.threshold_rule == "federated-percentile":
+        # The SecAgg+ path's clients file their events under Flower's run id (no run key is sent there).
+        run_key = resumption.run_key if config.secure_aggregation == "none" else ""
+        release = threshold.federated_threshold_release(grid, setup, book.best_weights, scorer, run_key)
+        if config.secure_aggregation != "none":
+            aggregation["not_hidden"] += (
+                "; the federated threshold's noisy histograms travel as plain messages (each is a "
+                "Gaussian mechanism of its own, accounted in its client's ledger)"
+            )
     budget = {
         "target_epsilon": config.target_epsilon or None,
         "exhausted_clients": exhausted,
@@ -82,6 +94,8 @@ def run_federation(
         best_round=book.best_round,
         budget=budget,
         aggregation=aggregation,
+        scorer=scorer,
+        threshold_release=release,
     )
 
 

@@ -3,8 +3,11 @@
 Reads ``RUN_DIR/summary.json`` for the run's delta, accountant and state directory, opens each client's
 ledger there, and recomputes epsilon per client and training-data fingerprint with both accountants
 (dp-accounting RDP and PLD). A figure that cannot be computed (missing or damaged ledger) is an error,
-never a number. These are UPPER bounds; ``--empirical`` adds LOWER bounds from attacks
-(``shared.empirical``), and this module formats and saves the combined result.
+never a number. DP-SGD trainings and the federated threshold's histogram releases (ledger ``mechanism``)
+compose into each client's one epsilon, and are listed apart: the training columns count trainings only,
+and every histogram release is named with its run, noise multiplier and row count. These are UPPER
+bounds; ``--empirical`` adds LOWER bounds from attacks (``shared.empirical``), and this module formats
+and saves the combined result.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ class ClientAudit:
     client: int
     dataset_fingerprint: str
     examples: int
-    rounds_trained: int
+    rounds_trained: int  # DP-SGD trainings
     steps: int
-    sigma: float
-    sampling_probability: float
+    sigma: float | None  # the latest training's (None: the ledger holds no training)
+    sampling_probability: float | None
+    histograms: list[dict[str, Any]]  # the threshold histogram releases: run, sigma, rows, time
     epsilon_rdp: float
     epsilon_pld: float
     epsilon: float  # with the run's accountant
@@ -85,15 +89,26 @@ def audit_run(run_dir: str | Path) -> dict[str, Any]:
         rdp = cumulative_epsilon(training, delta, "rdp")
         pld = cumulative_epsilon(training, delta, "pld")
         epsilon = rdp if accountant == "rdp" else pld
+        trainings = [e for e in events if e.mechanism == "dp-sgd"]
         rows.append(
             ClientAudit(
                 client=client,
                 dataset_fingerprint=",".join(sorted({e.dataset_fingerprint[:12] for e in events})),
                 examples=events[-1].num_examples,
-                rounds_trained=len(events),
-                steps=sum(e.steps for e in events),
-                sigma=events[-1].noise_multiplier,
-                sampling_probability=events[-1].sampling_probability,
+                rounds_trained=len(trainings),
+                steps=sum(e.steps for e in trainings),
+                sigma=trainings[-1].noise_multiplier if trainings else None,
+                sampling_probability=trainings[-1].sampling_probability if trainings else None,
+                histograms=[
+                    {
+                        "run_id": e.run_id,
+                        "noise_multiplier": e.noise_multiplier,
+                        "num_examples": e.num_examples,
+                        "recorded_at": e.recorded_at,
+                    }
+                    for e in events
+                    if e.mechanism == "histogram"
+                ],
                 epsilon_rdp=rdp,
                 epsilon_pld=pld,
                 epsilon=epsilon,
@@ -108,10 +123,11 @@ def audit_run(run_dir: str | Path) -> dict[str, Any]:
     matches = all(r.reported is not None and math.isclose(r.epsilon, r.reported, rel_tol=1e-6) for r in rows)
     client_level = audit_client_level(privacy.get("client_level") or {})
     matches = matches and (client_level is None or client_level["matches_run"])
+    released = any(r.histograms for r in rows)
     return {
         "run_dir": str(run_dir),
         "bound": "upper (accountant, recomputed from the ledgers)",
-        "statement": describe(delta, accountant, str(config.get("sampling", "poisson"))),
+        "statement": describe(delta, accountant, str(config.get("sampling", "poisson")), released),
         "delta": delta,
         "accountant": accountant.upper(),
         "clients": [asdict(r) for r in rows],
@@ -154,7 +170,7 @@ def audit_client_level(reported: dict[str, Any]) -> dict[str, Any] | None:
 
 def format_audit(audit: dict[str, Any]) -> str:
     header = (
-        f"{'client':>6} {'examples':>8} {'rounds':>6} {'steps':>6} {'sigma':>6} {'q':>8} "
+        f"{'client':>6} {'examples':>8} {'rounds':>6} {'steps':>6} {'sigma':>6} {'q':>8} {'hist':>4} "
         f"{'eps RDP':>8} {'eps PLD':>8} {'delta':>7} {'budget':>7} {'reported':>9} {'status':>11}  data"
     )
     lines = [
@@ -167,12 +183,27 @@ def format_audit(audit: dict[str, Any]) -> str:
         reported = "n/a" if r["reported"] is None else f"{r['reported']:.4f}"
         budget_cell = "none" if r["budget"] is None else f"{r['budget']:g}"
         status = {None: "no budget", True: "within", False: "OVER BUDGET"}[r["within_budget"]]
+        sigma = "n/a" if r["sigma"] is None else f"{r['sigma']:.3g}"
+        q = "n/a" if r["sampling_probability"] is None else f"{r['sampling_probability']:.4g}"
         lines.append(
             f"{r['client']:>6} {r['examples']:>8} {r['rounds_trained']:>6} {r['steps']:>6} "
-            f"{r['sigma']:>6.3g} {r['sampling_probability']:>8.4g} {r['epsilon_rdp']:>8.4f} "
+            f"{sigma:>6} {q:>8} {len(r['histograms']):>4} {r['epsilon_rdp']:>8.4f} "
             f"{r['epsilon_pld']:>8.4f} {r['delta']:>7.0e} {budget_cell:>7} {reported:>9} {status:>11}  "
             f"{r['dataset_fingerprint'][:12]}"
         )
+    releases = [(r["client"], h) for r in audit["clients"] for h in r["histograms"]]
+    if releases:
+        lines += [
+            "",
+            "Histogram events (mechanism 'histogram': the federated threshold's Gaussian release of a "
+            "client's score counts, one each, composed into the epsilons above; 'rounds', 'steps', "
+            "'sigma' and 'q' are the DP-SGD trainings'):",
+            *[
+                f"  client {client}: histogram release, run {h['run_id']}, noise multiplier "
+                f"{h['noise_multiplier']:g}, {h['num_examples']} rows, recorded {h['recorded_at']}"
+                for client, h in releases
+            ],
+        ]
     budget = "none" if audit["budget"] is None else f"target-epsilon {audit['budget']:g}"
     lines += [
         "",

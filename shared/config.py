@@ -25,7 +25,7 @@ STRATEGIES = ("fedavg", "fedadam", "fedprox", *NEEDS_INDIVIDUAL_UPDATES)
 SECURE_AGGREGATION = ("none", "secagg+")
 ATTACKS = ("none", "sign-flip", "scale", "noise", "backdoor", "alie")  # shared.attacks.poisoning.ATTACKS
 ACCOUNTANTS = ("rdp", "pld")
-THRESHOLD_RULES = ("percentile", "mean-k-sigma")
+THRESHOLD_RULES = ("percentile", "mean-k-sigma", "federated-percentile")
 PARTITIONS = ("natural", "iid", "dirichlet")
 SCORE_RULES = ("mse", "standardized", "max-standardized")  # shared.scoring.SCORE_RULES, checked by a test
 SAMPLINGS = ("poisson", "shuffle")  # shared.training.SAMPLINGS, checked by a test
@@ -33,6 +33,7 @@ ADVERSARIAL_TARGETS = ("clean", "perturbed")  # shared.training.ADVERSARIAL_TARG
 CLIENT_DP = ("none", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 AUTO = "auto"
 MAX_ADVERSARIAL_STEPS = 50
+MIN_THRESHOLD_BINS, MAX_THRESHOLD_BINS = 10, 1000  # shared.federated_threshold's log-spaced bins
 SPSA_MIN_QUERIES = 34  # one step of shared.attacks.evasion.spsa: 16 probe pairs, and two more scores
 
 
@@ -113,6 +114,14 @@ class FedaeConfig:
     threshold_rule: str = "percentile"
     threshold_percentile: float = 95.0
     threshold_k: float = 3.0
+    # threshold-rule "federated-percentile" (shared/federated_threshold.py, docs/PRIVACY.md): after the last
+    # round each client sends a histogram of its own training rows' scores over threshold-bins fixed,
+    # log-spaced bins, with N(0, noise-multiplier^2) added to every count (sensitivity 1), charged to its
+    # ledger. 5.0 adds about 0.18 to the default fleet run's 2.10 (0.80 alone, RDP, delta 1e-5) and reads
+    # the 95th percentile of 4,000 rows over 5 clients to 0.9-1.5 percentile points (one sd). 80 bins over
+    # the fixed range are 8 per decade: the threshold is read to within one bin, a factor 1.33.
+    threshold_noise_multiplier: float = 5.0
+    threshold_bins: int = 80
     partition: str = "natural"
     dirichlet_alpha: float = 0.5
     num_clients: int = 5
@@ -308,6 +317,18 @@ class FedaeConfig:
             raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
         if not 0.0 < self.threshold_percentile < 100.0:
             raise ConfigError(f"threshold-percentile must be in (0, 100), got {self.threshold_percentile}")
+        if not (self.threshold_noise_multiplier > 0 and math.isfinite(self.threshold_noise_multiplier)):
+            # A noiseless histogram is no DP release: it would be charged nothing and protect nothing.
+            raise ConfigError(
+                f"threshold-noise-multiplier must be a positive number, got {self.threshold_noise_multiplier}"
+            )
+        if not MIN_THRESHOLD_BINS <= self.threshold_bins <= MAX_THRESHOLD_BINS:
+            # Every bin carries its own noise, and the percentile is read from their running sum: past a few
+            # hundred bins the noise of the sum swamps the finer resolution.
+            raise ConfigError(
+                f"threshold-bins must be in [{MIN_THRESHOLD_BINS}, {MAX_THRESHOLD_BINS}], got "
+                f"{self.threshold_bins}"
+            )
         if self.scenario == "files" and not (self.data_dir or self.test_file):
             raise ConfigError(
                 "scenario 'files' needs data-dir (simulated: one CSV/Parquet/NPZ file per site) or, deployed "
@@ -565,6 +586,28 @@ def _attack_rule(config: Any, num_clients: int | None) -> list[str]:
     return problems
 
 
+def _federated_threshold_rule(config: Any, num_clients: int | None) -> list[str]:
+    """The federated threshold is a sample-level DP release composed into each client's DP-SGD ledger."""
+    if config.threshold_rule != "federated-percentile":
+        return []
+    problems = []
+    if not config.dp_enabled:
+        problems.append(
+            "threshold-rule 'federated-percentile' with DP-SGD off: the model itself already releases the "
+            "clients' data with no bound, so a DP threshold would protect nothing; use threshold-rule "
+            "'percentile' (the coordinator's calibration data) for the non-private baseline"
+        )
+    if config.client_dp != "none":
+        # Each client's noisy histogram reaches the server on its own, protected per example only: adding
+        # or removing a whole client changes it by up to its row count, which no client-level figure covers.
+        problems.append(
+            f"threshold-rule 'federated-percentile' cannot run with client-dp {config.client_dp!r}: each "
+            "client's histogram is protected per example, not per client, so the run's client-level "
+            "epsilon would not cover it; use threshold-rule 'percentile' or client-dp 'none'"
+        )
+    return problems
+
+
 COMBINATION_RULES: tuple[Callable[[Any, int | None], list[str]], ...] = (
     _secagg_parameters,
     _secagg_aggregation_rule,
@@ -572,6 +615,7 @@ COMBINATION_RULES: tuple[Callable[[Any, int | None], list[str]], ...] = (
     _client_dp_rule,
     _robust_rule,
     _attack_rule,
+    _federated_threshold_rule,
 )
 
 

@@ -60,11 +60,12 @@ def fit_threshold(errors: np.ndarray, rule: str, percentile: float = 95.0, k: fl
 
 
 def describe_rule(rule: str, percentile: float, k: float) -> str:
-    return (
-        f"{percentile:g}th percentile of normal calibration scores"
-        if rule == "percentile"
-        else f"mean + {k:g} sigma of normal calibration scores"
-    )
+    """The rule in words; a federated run states its release in full (``ThresholdRelease.sentence``)."""
+    if rule == "federated-percentile":
+        return f"{percentile:g}th percentile of the clients' own training scores, from DP histograms"
+    if rule == "percentile":
+        return f"{percentile:g}th percentile of normal calibration scores"
+    return f"mean + {k:g} sigma of normal calibration scores"
 
 
 def detection_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:

@@ -319,7 +319,11 @@ def empirical_audit(
 
     # The canary training copies the client with the largest epsilon: its sampling rate and its total
     # steps over every training in its ledger, starting from the run's final model.
-    worst = max(ledger_audit["clients"], key=lambda r: (r["epsilon"], -r["client"]))
+    # (Among clients that trained: a ledger may hold only a threshold histogram release.)
+    trained = [r for r in ledger_audit["clients"] if r["sigma"] is not None]
+    if not trained:
+        raise DataError("no client's ledger holds a DP-SGD training to copy", path=str(run_dir))
+    worst = max(trained, key=lambda r: (r["epsilon"], -r["client"]))
     q = float(worst["sampling_probability"])
     batch = max(1, round(q * worst["examples"]))
     steps_per_epoch = sampling_plan(worst["examples"], batch, 1, config.sampling)[1]

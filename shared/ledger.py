@@ -1,4 +1,5 @@
-"""The client's durable privacy ledger: every DP-SGD training it ran, in an embedded SQLite database.
+"""The client's durable privacy ledger: every DP-SGD training it ran and every threshold histogram it
+released, in an embedded SQLite database.
 
 One database per site (per simulated client in simulation), at
 ``<state-dir>/client-<id>/privacy-ledger.sqlite``.
@@ -9,7 +10,10 @@ event survives a crash of the process; the client records an event before it sen
 event paid for.
 
 Epsilon composes over every event recorded for the same data set, across rounds and runs: events are
-keyed by a fingerprint of the training data.
+keyed by a fingerprint of the training data. Each event names its ``mechanism``: ``dp-sgd`` (a local
+training) or ``histogram`` (the federated threshold's Gaussian histogram of the same training rows,
+recorded with q = 1, one step, and the histogram's L2 sensitivity 1 in ``l2_norm_clip``), so an auditor
+sees which is which; both compose into one epsilon (``shared.privacy``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import numpy as np
 
 from shared.privacy import TrainingEvent
 
-SCHEMA_VERSION = 2  # 2: events.epochs (the shuffled-batch bound needs it); version-1 rows are Poisson
+# 2: events.epochs (the shuffled-batch bound needs it); version-1 rows are Poisson.
+# 3: events.mechanism ('dp-sgd' | 'histogram'); every earlier row is a DP-SGD training.
+SCHEMA_VERSION = 3
 LEDGER_FILE = "privacy-ledger.sqlite"
 
 _SCHEMA = """
@@ -43,7 +49,8 @@ CREATE TABLE IF NOT EXISTS events (
     l2_norm_clip REAL NOT NULL CHECK (l2_norm_clip > 0),
     sampling TEXT NOT NULL CHECK (sampling IN ('poisson', 'shuffle')),
     epochs INTEGER NOT NULL DEFAULT 1 CHECK (epochs >= 1),
-    recorded_at TEXT NOT NULL
+    recorded_at TEXT NOT NULL,
+    mechanism TEXT NOT NULL DEFAULT 'dp-sgd' CHECK (mechanism IN ('dp-sgd', 'histogram'))
 );
 CREATE INDEX IF NOT EXISTS events_by_data ON events (dataset_fingerprint);
 """
@@ -65,9 +72,16 @@ def ledger_path(state_dir: str | Path, client_id: int) -> Path:
     return Path(state_dir) / f"client-{client_id}" / LEDGER_FILE
 
 
+# The columns each schema version added, with the definition that keeps every older row's meaning.
+_ADDED_COLUMNS = {
+    "epochs": "epochs INTEGER NOT NULL DEFAULT 1 CHECK (epochs >= 1)",
+    "mechanism": "mechanism TEXT NOT NULL DEFAULT 'dp-sgd' CHECK (mechanism IN ('dp-sgd', 'histogram'))",
+}
+
+
 @dataclass(frozen=True)
 class LedgerEvent:
-    """One recorded local DP-SGD training."""
+    """One recorded privacy event: a local DP-SGD training, or a threshold histogram release."""
 
     run_id: str
     round: int
@@ -79,9 +93,11 @@ class LedgerEvent:
     l2_norm_clip: float
     sampling: str = "poisson"
     epochs: int = 1
+    mechanism: str = "dp-sgd"
     recorded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def training_event(self) -> TrainingEvent:
+        """The event as the accountant composes it (a training or a histogram release)."""
         return TrainingEvent(
             self.round,
             self.noise_multiplier,
@@ -90,6 +106,7 @@ class LedgerEvent:
             self.num_examples,
             self.sampling,
             self.epochs,
+            self.mechanism,
         )
 
 
@@ -114,9 +131,8 @@ class PrivacyLedger:
                 self._connection.execute("PRAGMA journal_mode=WAL")
                 self._connection.execute("PRAGMA synchronous=FULL")
                 with self._transaction():
-                    columns = {row[1] for row in self._connection.execute("PRAGMA table_info(events)")}
-                    if version == 1 and "epochs" not in columns:  # re-checked under the write lock
-                        self._upgrade_from_1()
+                    if version is not None and version < SCHEMA_VERSION:
+                        self._upgrade(self._columns())  # the columns re-read under the write lock
                     self._version = SCHEMA_VERSION
                     for statement in _SCHEMA.split(";"):
                         if statement.strip():
@@ -154,12 +170,17 @@ class PrivacyLedger:
             )
         return version
 
-    def _upgrade_from_1(self) -> None:
-        """Add the epochs column in place, inside the opening transaction: every event is kept, and a
-        crash leaves version 1 intact. Version-1 events are all Poisson, whose bound needs no epochs."""
-        self._connection.execute(
-            "ALTER TABLE events ADD COLUMN epochs INTEGER NOT NULL DEFAULT 1 CHECK (epochs >= 1)"
-        )
+    def _columns(self) -> set[str]:
+        return {row[1] for row in self._connection.execute("PRAGMA table_info(events)")}
+
+    def _upgrade(self, columns: set[str]) -> None:
+        """Add the columns later versions introduced, in place, inside the opening transaction: every
+        event is kept, and a crash leaves the old version intact. Their defaults are what older rows
+        were: version-1 events are all Poisson (whose bound needs no epochs), and every event before
+        version 3 is a DP-SGD training."""
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in columns:
+                self._connection.execute(f"ALTER TABLE events ADD COLUMN {definition}")
         self._connection.execute(
             "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
         )
@@ -211,8 +232,14 @@ class PrivacyLedger:
 
     def events(self, dataset_fingerprint: str | None = None) -> list[LedgerEvent]:
         names = [f.name for f in LedgerEvent.__dataclass_fields__.values()]
-        if self._version == 1:  # opened read-only, not upgraded: its events are Poisson, epochs unused
-            names.remove("epochs")
+        if self._version < SCHEMA_VERSION:
+            # Opened read-only, not upgraded: the columns an older version lacks take their defaults,
+            # which is what its rows were (Poisson trainings of one epoch each).
+            try:
+                present = self._columns()
+            except sqlite3.DatabaseError as err:
+                raise LedgerError(f"{self.path}: could not read the privacy events ({err})") from err
+            names = [name for name in names if name in present]
         query = f"SELECT {', '.join(names)} FROM events"
         args: tuple[str, ...] = ()
         if dataset_fingerprint is not None:

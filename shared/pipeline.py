@@ -1,8 +1,9 @@
 """The server's side of a run without Flower: set-up before round 1 and the detector after the last.
 
 Set-up: load the coordinator's calibration and test data, fit the scaler, build the initial model.
-Finish: fit the threshold on calibration errors, score the test split, compare with baselines, export
-the bundle, write ``summary.json``, plots and ``report.md``.
+Finish: fit the threshold on calibration errors (or take the federated one the clients' noisy histograms
+gave, ``shared.federated_threshold``), score the test split, compare with baselines, export the bundle,
+write ``summary.json``, plots and ``report.md``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from shared.data.sources import DataSpec, ServerData, load_client_data, load_ser
 from shared.detector import Detector, describe_rule, detection_metrics, fit_threshold, save_bundle
 from shared.drift import DriftReference
 from shared.export import Representative, parse_exports
+from shared.federated_threshold import ThresholdRelease
 from shared.models import residuals
 from shared.preprocess import Scaler
 from shared.scoring import ResidualScorer
@@ -82,9 +84,12 @@ class PrivacyRecord:
     client_level: dict[str, Any] | None = None  # server.client_dp's figures; never mixed in here
 
 
-def privacy_section(config: FedaeConfig, record: PrivacyRecord) -> dict[str, Any]:
+def privacy_section(
+    config: FedaeConfig, record: PrivacyRecord, threshold_release: bool = False
+) -> dict[str, Any]:
     """The summary's privacy section: sample-level (DP-SGD, per client) and client-level (central DP
-    over clients) figures side by side, each with its own statement, never combined into one number."""
+    over clients) figures side by side, each with its own statement, never combined into one number.
+    ``threshold_release``: the per-client figures include the federated threshold's histogram."""
     dp = config.dp_enabled
     per_client = record.per_client
     return {
@@ -93,7 +98,9 @@ def privacy_section(config: FedaeConfig, record: PrivacyRecord) -> dict[str, Any
         "accountant": config.accountant.upper() if dp else None,
         "sampling": config.sampling if dp else None,
         "neighbouring": privacy.NEIGHBOURING[config.sampling] if dp else None,
-        "statement": privacy.describe(config.delta, config.accountant, config.sampling) if dp else "no DP",
+        "statement": privacy.describe(config.delta, config.accountant, config.sampling, threshold_release)
+        if dp
+        else "no DP",
         "noise_multiplier": config.noise_multiplier,
         "l2_norm_clip": config.l2_norm_clip,
         "not_covered": (
@@ -146,18 +153,38 @@ def robustness_headline(section: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def fit_and_score(
-    config: FedaeConfig, model: Any, spec: Any, x_calibration: np.ndarray, x_test: np.ndarray
-) -> tuple[ResidualScorer, float, np.ndarray]:
-    """Fit the score's per-feature scales and the threshold on calibration rows; score the test rows."""
-    calibration_residuals = residuals(model, spec, x_calibration)
-    scorer = ResidualScorer.fit(config.anomaly_score, calibration_residuals)
-    threshold = fit_threshold(
-        scorer.score(calibration_residuals),
-        config.threshold_rule,
-        config.threshold_percentile,
-        config.threshold_k,
+def fit_scorer(setup: RunSetup, weights: list[np.ndarray]) -> ResidualScorer:
+    """The score's per-feature scales for the model ``weights``, fitted on the coordinator's calibration
+    rows: what the exported detector scores with, and what the federated threshold's clients score with."""
+    trainer = trainer_for(setup.config, setup.spec, setup.scaler)
+    trainer.set_weights(weights)
+    x_calibration = setup.scaler.transform(setup.data.x_calibration)
+    return ResidualScorer.fit(
+        setup.config.anomaly_score, residuals(trainer.model, trainer.spec, x_calibration)
     )
+
+
+def fit_and_score(
+    config: FedaeConfig,
+    model: Any,
+    spec: Any,
+    x_calibration: np.ndarray,
+    x_test: np.ndarray,
+    scorer: ResidualScorer | None = None,
+    threshold: float | None = None,
+) -> tuple[ResidualScorer, float, np.ndarray]:
+    """Fit the score's per-feature scales (unless ``scorer`` is given) and the threshold (unless
+    ``threshold`` is given, as the federated one is) on calibration rows; score the test rows.
+
+    Without a given threshold, "federated-percentile" reads the same percentile of the calibration
+    scores: the fallback when no client's histogram was usable, and the central baselines' rule."""
+    calibration_residuals = residuals(model, spec, x_calibration)
+    scorer = scorer or ResidualScorer.fit(config.anomaly_score, calibration_residuals)
+    if threshold is None:
+        rule = "percentile" if config.threshold_rule == "federated-percentile" else config.threshold_rule
+        threshold = fit_threshold(
+            scorer.score(calibration_residuals), rule, config.threshold_percentile, config.threshold_k
+        )
     return scorer, threshold, scorer.score(residuals(model, spec, x_test))
 
 
@@ -266,11 +293,15 @@ def finish(
     best_round: int | None = None,
     budget: dict[str, Any] | None = None,
     aggregation: dict[str, Any] | None = None,
+    scorer: ResidualScorer | None = None,
+    threshold_release: ThresholdRelease | None = None,
 ) -> dict[str, Any]:
     """Fit the threshold, evaluate, export the bundle and write the report; returns the summary.
 
     ``aggregation`` says how the server combined the clients' models (``secure_aggregation`` and, under
-    SecAgg+, its parameters and what it does not hide)."""
+    SecAgg+, its parameters and what it does not hide). With threshold-rule "federated-percentile",
+    ``threshold_release`` is what the clients' histograms gave and ``scorer`` the scorer they scored with;
+    a release without a threshold falls back to the calibration percentile and says so."""
     config = setup.config
     aggregation = aggregation or {"secure_aggregation": "none"}
     out_dir = setup.out_dir
@@ -279,16 +310,37 @@ def finish(
     trainer.set_weights(weights)
     spec = trainer.spec
     x_calibration = setup.scaler.transform(setup.data.x_calibration)
+    federated = config.threshold_rule == "federated-percentile"
+    if federated and threshold_release is None:
+        raise ValueError("threshold-rule 'federated-percentile' needs the clients' threshold release")
     scorer, threshold, test_scores = fit_and_score(
-        config, trainer.model, spec, x_calibration, setup.scaler.transform(setup.data.x_test)
+        config,
+        trainer.model,
+        spec,
+        x_calibration,
+        setup.scaler.transform(setup.data.x_test),
+        scorer=scorer,
+        threshold=threshold_release.threshold if threshold_release and federated else None,
     )
     # The reference that deployed drift monitors compare live scores with (shared/drift.py).
     drift_reference = DriftReference.from_scores(scorer.score(residuals(trainer.model, spec, x_calibration)))
     detector_metrics = detection_metrics(test_scores, setup.data.y_test, threshold)
     robustness_section = _robustness(setup, trainer, scorer, threshold)
     rule = describe_rule(config.threshold_rule, config.threshold_percentile, config.threshold_k)
+    threshold_rule = config.threshold_rule
     privacy_record.per_round_max = [r.get("max_epsilon") for r in rounds]
-    privacy_info = privacy_section(config, privacy_record)
+    released = False
+    if federated and threshold_release is not None:
+        rule = threshold_release.sentence()
+        if threshold_release.threshold is None:
+            threshold_rule = "percentile"  # what the exported threshold is: the fallback's
+            logger.warning("federated threshold: %s", rule)
+        # Every client that released a histogram paid for it: its cumulative figure includes it.
+        privacy_record.per_client.update(threshold_release.epsilon_after)
+        released = bool(threshold_release.epsilon_after)
+    privacy_info = privacy_section(config, privacy_record, released)
+    if federated and threshold_release is not None:
+        privacy_info["threshold_release"] = threshold_release.section
     privacy_info["budget"] = budget or {
         "target_epsilon": config.target_epsilon or None,
         "exhausted_clients": [],
@@ -301,7 +353,7 @@ def finish(
         setup.scaler,
         scorer,
         threshold,
-        config.threshold_rule,
+        threshold_rule,
         {
             "input_schema": {
                 "kind": setup.spec.kind,

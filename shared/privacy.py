@@ -14,10 +14,17 @@ batches were drawn, which the ledger records with each event:
   batch, whose clipped sum then moves by at most 2C against noise sigma*C. Each epoch is therefore one
   Gaussian mechanism with noise multiplier sigma/2, and the epochs compose. Valid, and much larger than
   the Poisson figure for the same sigma.
+
+Besides trainings, a ledger holds the federated threshold's histogram releases (``mechanism``
+"histogram", ``shared.federated_threshold``): one Gaussian mechanism on the counts of the client's
+training rows, sensitivity 1 under add/remove-one (one row moves one count by 1) and sqrt(2) under
+replace-one (one count down, another up), so it composes with whichever relation the ledger's DP-SGD
+events hold for. It is recorded with sampling probability 1 and one step: no subsampling, one release.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -32,11 +39,16 @@ SAMPLING_BOUND = {
     "poisson": "Poisson sampling, subsampled Gaussian per step",
     "shuffle": "shuffled fixed-size batches, no amplification: one Gaussian (sigma/2) per epoch",
 }
+MECHANISMS = ("dp-sgd", "histogram")
+# L2 sensitivity of a histogram release under each ledger's neighbouring relation (keyed like NEIGHBOURING).
+HISTOGRAM_SENSITIVITY = {"poisson": 1.0, "shuffle": math.sqrt(2.0)}
 
 
 @dataclass(frozen=True)
 class TrainingEvent:
-    """One local training of a client: ``steps`` noisy steps over ``epochs`` passes of its data."""
+    """One privacy event of a client: a local training (``steps`` noisy steps over ``epochs`` passes of its
+    data) or, with ``mechanism`` "histogram", one Gaussian release of its training rows' score histogram
+    (noise multiplier = the noise's standard deviation per count; q = 1, one step, one epoch)."""
 
     round: int
     noise_multiplier: float
@@ -45,6 +57,7 @@ class TrainingEvent:
     num_examples: int
     sampling: str = "poisson"
     epochs: int = 1  # only the shuffle bound needs it (one Gaussian release per epoch)
+    mechanism: str = "dp-sgd"
 
     def __post_init__(self) -> None:
         if self.noise_multiplier <= 0:
@@ -59,6 +72,22 @@ class TrainingEvent:
             raise ValueError(f"sampling must be one of {sorted(SAMPLING_BOUND)}, got {self.sampling!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
+        single = (self.sampling_probability, self.steps, self.epochs) == (1, 1, 1)
+        if self.mechanism == "histogram" and not single:
+            raise ValueError(
+                "a histogram release is one Gaussian mechanism on all the rows: sampling probability 1, one "
+                f"step, one epoch; got {self.sampling_probability}, {self.steps}, {self.epochs}"
+            )
+
+
+def histogram_event(
+    noise_multiplier: float, num_examples: int, sampling: str = "poisson", server_round: int = 0
+) -> TrainingEvent:
+    """One threshold-histogram release: Gaussian noise ``noise_multiplier`` on every count of
+    ``num_examples`` rows, accounted under the neighbouring relation of ``sampling``'s ledgers."""
+    return TrainingEvent(server_round, noise_multiplier, 1.0, 1, num_examples, sampling, 1, "histogram")
 
 
 def _accountant(name: str) -> dp_accounting.PrivacyAccountant:
@@ -109,7 +138,13 @@ def composed_event(events: Iterable[TrainingEvent]) -> dp_accounting.DpEvent:
 def _dp_event(grouped: tuple[tuple[TrainingEvent, int], ...]) -> dp_accounting.DpEvent:
     parts = []
     for event, count in grouped:
-        if event.sampling == "shuffle":
+        if event.mechanism == "histogram":
+            # One Gaussian mechanism per release: noise std over the relation's L2 sensitivity.
+            release = dp_accounting.GaussianDpEvent(
+                event.noise_multiplier / HISTOGRAM_SENSITIVITY[event.sampling]
+            )
+            parts.append(dp_accounting.SelfComposedDpEvent(release, count))
+        elif event.sampling == "shuffle":
             epoch = dp_accounting.GaussianDpEvent(event.noise_multiplier / 2.0)
             parts.append(dp_accounting.SelfComposedDpEvent(epoch, event.epochs * count if event.steps else 0))
         else:
@@ -234,9 +269,22 @@ def check_delta(delta: float, num_examples: int) -> None:
         )
 
 
-def describe(delta: float, accountant: str, sampling: str = "poisson") -> str:
-    """The words every printed sample-level epsilon carries."""
+def describe(
+    delta: float, accountant: str, sampling: str = "poisson", threshold_release: bool = False
+) -> str:
+    """The words every printed sample-level epsilon carries; ``threshold_release``: the figures include
+    the federated threshold's histogram release."""
+    scope = "all rounds and the threshold histogram" if threshold_release else "all rounds"
     return (
-        f"sample-level ({NEIGHBOURING[sampling]}), per client, cumulative over all rounds, delta={delta:g}, "
+        f"sample-level ({NEIGHBOURING[sampling]}), per client, cumulative over {scope}, delta={delta:g}, "
         f"{accountant.upper()} accountant, {SAMPLING_BOUND[sampling]}"
+    )
+
+
+def describe_release(delta: float, accountant: str, sampling: str = "poisson") -> str:
+    """The words the epsilon of one threshold-histogram release carries."""
+    return (
+        f"sample-level ({NEIGHBOURING[sampling]}), per client, one release (Gaussian histogram, L2 "
+        f"sensitivity {HISTOGRAM_SENSITIVITY[sampling]:.4g}), delta={delta:g}, "
+        f"{accountant.upper()} accountant"
     )

@@ -333,6 +333,49 @@ def _budget_line(budget: dict[str, Any]) -> str:
     return line
 
 
+def _threshold_release_lines(release: dict[str, Any] | None) -> list[str]:
+    """The federated threshold's release: its mechanism, who contributed, what it cost each client."""
+    if not release:
+        return []
+    mechanism = release["mechanism"][0].upper() + release["mechanism"][1:]
+    lines = [
+        "",
+        "### Federated threshold",
+        "",
+        f"threshold-rule federated-percentile: the {release['percentile']:g}th percentile of the clients' "
+        f"own training scores. {mechanism}. Noise multiplier {release['noise_multiplier']:g} per count; "
+        f"{release['bins']} log-spaced bins over [{release['score_range'][0]:g}, "
+        f"{release['score_range'][1]:g}] plus underflow and overflow; {release['resolution']}.",
+        f"{len(release['contributing_clients'])} of {release['clients_asked']} clients contributed "
+        f"({release['contributing_clients'] or 'none'}); refused: {list(release['refused']) or 'none'}; "
+        f"failed: {[f['node'] for f in release['failed']] or 'none'}.",
+    ]
+    if release["threshold"] is None:
+        lines.append(
+            f"**Fallback**: {release['fallback']}; the threshold is the {release['percentile']:g}th "
+            "percentile of the coordinator's calibration scores."
+        )
+    else:
+        lines.append(
+            f"Threshold {_fmt(release['threshold'], 6)}; the noise alone moves the percentile read by about "
+            f"{_fmt(release['noise_sd_percentile_points'], 2)} points (one standard deviation)"
+            + (f"; clamped, {release['clamped']}." if release["clamped"] else ".")
+        )
+    release_eps, after = release["release_epsilon"], release["epsilon_after"]
+    lines += [
+        "",
+        f"Each contributing client's release alone: {release_eps['statement']}; its cumulative epsilon "
+        f"afterwards: {after['statement']}.",
+        "",
+        *[
+            f"- client {c}: release epsilon = {_fmt(e, 3)}, cumulative afterwards = "
+            f"{_fmt(after['per_client'].get(c), 3)}"
+            for c, e in sorted(release_eps["per_client"].items(), key=lambda kv: int(kv[0]))
+        ],
+    ]
+    return lines
+
+
 def _client_level_lines(client_level: dict[str, Any]) -> list[str]:
     """Client-level DP in its own paragraph: a different neighbouring relation, never mixed in."""
     if not client_level.get("enabled"):
@@ -395,6 +438,7 @@ def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Pa
         ]
     else:
         lines += ["**no DP-SGD**: noise multiplier 0 and no clipping: no sample-level guarantee."]
+    lines += _threshold_release_lines(p.get("threshold_release"))
     lines += ["", *_client_level_lines(p.get("client_level") or {})]
     lines += ["", _aggregation_line(summary.get("aggregation") or {})]
     lines += [
@@ -402,7 +446,12 @@ def write_report(summary: dict[str, Any], plots: list[str], out_dir: Path) -> Pa
         "## Detector",
         "",
         f"Anomaly score: {d['anomaly_score']}. Threshold {_fmt(d['threshold'], 6)} ({d['threshold_rule']}); "
-        "scales and threshold fitted on the coordinator's calibration data.",
+        + (
+            "scales fitted on the coordinator's calibration data, threshold on the clients' noisy histograms "
+            "(Privacy, Federated threshold)."
+            if (p.get("threshold_release") or {}).get("threshold") is not None
+            else "scales and threshold fitted on the coordinator's calibration data."
+        ),
         "",
         "| metric | value |",
         "| --- | --- |",

@@ -12,6 +12,7 @@ from typing import Any
 from shared.config import FedaeConfig
 from shared.data.sources import DataSpec
 from shared.preprocess import Scaler
+from shared.scoring import ResidualScorer
 
 _PREFIX = "fedae."
 # Train-reply metric every client sets to 1.0: client-level DP aggregates by it, so that each client
@@ -27,6 +28,11 @@ SECAGG_CLIPPED = "secagg-clipped"
 
 
 RUN_KEY = f"{_PREFIX}run-key"
+
+# The federated threshold's query (threshold-rule "federated-percentile"): Flower message type
+# "query.<THRESHOLD_QUERY>", and the error code of a query whose content cannot be used.
+THRESHOLD_QUERY = "threshold"
+BAD_QUERY = 4211
 
 
 def encode_setup(config: FedaeConfig, spec: DataSpec, scaler: Scaler, run_key: str = "") -> dict[str, Any]:
@@ -65,3 +71,17 @@ def decode_setup(values: Mapping[str, Any]) -> tuple[FedaeConfig, DataSpec, Scal
         }
     )
     return config, spec, scaler
+
+
+def encode_scorer(scorer: ResidualScorer) -> dict[str, Any]:
+    """The score's rule and per-feature scales, for the threshold query: clients score exactly as the
+    exported detector will."""
+    scale = [] if scorer.scale is None else [float(v) for v in scorer.scale]
+    return {f"{_PREFIX}scorer-rule": scorer.rule, f"{_PREFIX}scorer-scale": scale}
+
+
+def decode_scorer(values: Mapping[str, Any]) -> ResidualScorer:
+    """The scorer ``encode_scorer`` packed; ``KeyError`` / ``ValueError`` if it is missing or invalid."""
+    rule = str(values[f"{_PREFIX}scorer-rule"])
+    scale = list(values[f"{_PREFIX}scorer-scale"])
+    return ResidualScorer.from_dict({"rule": rule, "scale": scale if rule != "mse" else None})

@@ -32,6 +32,7 @@ from shared.ledger import LedgerEvent, PrivacyLedger, dataset_fingerprint
 from shared.models import ModelSpec
 from shared.preprocess import Scaler
 from shared.replies import ReplyStore, weights_digest
+from shared.scoring import ResidualScorer
 from shared.training import LocalTrainer, TrainSettings, get_trainer, sampling_plan
 
 logger = logging.getLogger(f"fedae.{__name__}")
@@ -66,6 +67,15 @@ def planned_event(
     )
 
 
+def planned_releases(config: FedaeConfig, num_examples: int) -> list[privacy.TrainingEvent]:
+    """What the client will release after the rounds: with threshold-rule "federated-percentile", one
+    histogram of its training rows' scores. Each training's budget check (and "auto" calibration) keeps
+    room for it, so a client that trains to its budget can still send its histogram."""
+    if config.threshold_rule != "federated-percentile":
+        return []
+    return [privacy.histogram_event(config.threshold_noise_multiplier, num_examples, config.sampling)]
+
+
 def noise_multiplier_for(
     config: FedaeConfig,
     num_examples: int,
@@ -78,9 +88,11 @@ def noise_multiplier_for(
     if not config.auto_noise:
         return float(config.noise_multiplier)
     remaining = max(1, config.num_server_rounds - server_round + 1)
+    after = planned_releases(config, num_examples)
 
     def plan(sigma: float) -> list[privacy.TrainingEvent]:
-        return [planned_event(config, num_examples, server_round + i, sigma) for i in range(remaining)]
+        trainings = [planned_event(config, num_examples, server_round + i, sigma) for i in range(remaining)]
+        return [*trainings, *after]
 
     return privacy.calibrate_noise_multiplier(history, plan, target_epsilon, config.delta, config.accountant)
 
@@ -236,16 +248,7 @@ def train_client(
             # or slightly edited copy of a site's data is still mostly the same people, so starting it
             # from zero would under-report. The fingerprint is kept with each event for the audit trail.
             past = [e.training_event() for e in recorded]
-            other = sorted({e.sampling for e in past} - {config.sampling})
-            if other:
-                # Poisson events are bounded for add/remove-one, shuffled ones for replace-one: their
-                # composition holds under neither relation, so no epsilon could be stated.
-                raise privacy.IncompatibleLedger(
-                    f"client-id={client_id}: its ledger holds {other[0]}-sampling events and this run uses "
-                    f"sampling {config.sampling!r}; their bounds hold for different neighbouring relations "
-                    "and cannot be composed. Use the same sampling as before, or a new state-dir for "
-                    "data that was never trained on"
-                )
+            _refuse_other_relation(past, config.sampling, client_id)
             sigma = _sigma_within_budget(
                 config, data.num_examples, server_round, past, target_epsilon, client_id
             )
@@ -300,6 +303,20 @@ def train_client(
     return TrainOutcome(weights, result.num_examples, result.loss, event, epsilon, fit_seconds)
 
 
+def _refuse_other_relation(past: list[privacy.TrainingEvent], sampling: str, client_id: int) -> None:
+    """Poisson events are bounded for add/remove-one, shuffled ones for replace-one: their composition
+    holds under neither relation, so no epsilon could be stated (a histogram release is recorded under
+    its ledger's relation, ``shared.privacy``)."""
+    other = sorted({e.sampling for e in past} - {sampling})
+    if other:
+        raise privacy.IncompatibleLedger(
+            f"client-id={client_id}: its ledger holds {other[0]}-sampling events and this run uses "
+            f"sampling {sampling!r}; their bounds hold for different neighbouring relations "
+            "and cannot be composed. Use the same sampling as before, or a new state-dir for "
+            "data that was never trained on"
+        )
+
+
 @functools.lru_cache(maxsize=1)
 def _attacker_anomalies(config: FedaeConfig) -> np.ndarray:
     """A simulated backdoor attacker's anomalies (half the test pool's), built once per process: the
@@ -328,7 +345,9 @@ def _kept_reply(
     """This round's update again, if the ledger paid for it and it was kept for the same global model
     (the server restarted mid-round and asks again): sending it again costs no privacy (shared.replies)."""
     events = ledger.events()
-    charged = [e for e in events if e.run_id == run_id and e.round == server_round]
+    charged = [
+        e for e in events if e.run_id == run_id and e.round == server_round and e.mechanism == "dp-sgd"
+    ]
     if not charged:
         return None
     kept = ReplyStore(ledger.path).find(run_id, server_round, received)
@@ -380,11 +399,102 @@ def _sigma_within_budget(
         sigma = float(config.noise_multiplier)
     if target_epsilon > 0:
         planned = planned_event(config, num_examples, server_round, sigma)
-        projected = privacy.cumulative_epsilon([*history, planned], config.delta, config.accountant)
+        reserved = planned_releases(config, num_examples)
+        projected = privacy.cumulative_epsilon(
+            [*history, planned, *reserved], config.delta, config.accountant
+        )
         if projected > target_epsilon:
             current = privacy.cumulative_epsilon(history, config.delta, config.accountant)
-            raise privacy.BudgetExhausted(client_id, current, projected, target_epsilon, config.delta)
+            why = (
+                f"this round and the threshold histogram it keeps room for would take it to {projected:.4f}, "
+                f"above its target-epsilon {target_epsilon:g}"
+                if reserved
+                else ""
+            )
+            raise privacy.BudgetExhausted(client_id, current, projected, target_epsilon, config.delta, why)
     return sigma
+
+
+@dataclass
+class HistogramOutcome:
+    """A client's threshold release: the noisy counts that leave it, and what they cost."""
+
+    counts: np.ndarray  # bins + 2 noisy counts (shared.federated_threshold)
+    num_examples: int
+    release_epsilon: float  # this release alone
+    epsilon: float  # the whole ledger, this release included
+
+
+def threshold_histogram(
+    config: FedaeConfig,
+    spec: DataSpec,
+    scaler: Scaler,
+    weights: list[np.ndarray],
+    scorer: ResidualScorer,
+    client_id: int,
+    ledger: PrivacyLedger,
+    run_id: str,
+    target_epsilon: float | None = None,
+    site: SiteData | None = None,
+    rng: np.random.Generator | None = None,
+) -> HistogramOutcome:
+    """The federated threshold's release: the noisy histogram of this client's training-row scores.
+
+    The rows are the array DP-SGD trained on (``data.x_train``), so the release is filed under the same
+    data fingerprint and composes with the trainings in one epsilon. Scoring comes first (a data error
+    costs nothing); then the budget check and the event's record are one ledger transaction, as for a
+    training (``BudgetExhausted`` if the release would pass ``target-epsilon``, nothing recorded); only
+    then is the noise drawn, so no noisy count exists that the ledger has not paid for.
+    """
+    from shared import federated_threshold
+    from shared.models import residuals
+
+    data = client_data(config, client_id, site)
+    target_epsilon = config.target_epsilon if target_epsilon is None else target_epsilon
+    sigma, n = config.threshold_noise_multiplier, data.num_examples
+    try:
+        privacy.check_delta(config.delta, n)
+    except ValueError as err:
+        raise privacy.IncompatibleLedger(f"client-id={client_id}: {err}") from err
+    trainer = trainer_for(config, spec, scaler)
+    shapes = [tuple(np.shape(w)) for w in weights]
+    expected = [tuple(w.shape) for w in trainer.get_weights()]
+    if shapes != expected:
+        raise ValueError(f"the model sent has weight shapes {shapes}, this run's model {expected}")
+    trainer.set_weights(weights)
+    scores = scorer.score(residuals(trainer.model, trainer.spec, scaler.transform(data.x_train)))
+    counts = federated_threshold.count_scores(scores, config.threshold_bins)
+    release = privacy.histogram_event(sigma, n, config.sampling)
+    fingerprint = dataset_fingerprint(data.x_train)
+
+    def plan(recorded: list[LedgerEvent]) -> LedgerEvent:
+        past = [e.training_event() for e in recorded]
+        _refuse_other_relation(past, config.sampling, client_id)
+        if target_epsilon > 0:
+            projected = privacy.cumulative_epsilon([*past, release], config.delta, config.accountant)
+            if projected > target_epsilon:
+                current = privacy.cumulative_epsilon(past, config.delta, config.accountant)
+                why = (
+                    f"its threshold histogram would take it to {projected:.4f}, above its target-epsilon "
+                    f"{target_epsilon:g}"
+                )
+                raise privacy.BudgetExhausted(
+                    client_id, current, projected, target_epsilon, config.delta, why
+                )
+        # l2_norm_clip: one row's contribution is a one-hot count vector, L2 norm 1 (the relation's
+        # sensitivity follows from it, as DP-SGD's follows from its clipping norm).
+        return LedgerEvent(run_id, 0, fingerprint, n, sigma, 1.0, 1, 1.0, config.sampling, 1, "histogram")
+
+    recorded, _ = ledger.charge(plan)
+    noisy = federated_threshold.add_noise(counts, sigma, rng)
+    faults.fault_point("released", client_id)  # durability tests: die after the charge, before the reply
+    history = [e.training_event() for e in recorded]
+    return HistogramOutcome(
+        noisy,
+        n,
+        privacy.cumulative_epsilon([release], config.delta, config.accountant),
+        privacy.cumulative_epsilon([*history, release], config.delta, config.accountant),
+    )
 
 
 def evaluate_client(

@@ -183,3 +183,47 @@ def vars_of(config: FedaeConfig) -> dict:
 def test_client_dp_combinations_that_break_a_guarantee_are_refused(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         FedaeConfig().with_overrides(overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"threshold-rule": "federated"},
+            "threshold-rule must be one of percentile, mean-k-sigma, federated",
+        ),
+        ({"threshold-noise-multiplier": 0}, "threshold-noise-multiplier must be a positive number, got 0.0"),
+        (
+            {"threshold-noise-multiplier": "nan"},
+            "threshold-noise-multiplier must be a positive number, got nan",
+        ),
+        ({"threshold-noise-multiplier": "lots"}, "threshold-noise-multiplier must be a number, got 'lots'"),
+        ({"threshold-bins": 5}, "threshold-bins must be in [10, 1000], got 5"),
+        ({"threshold-bins": 2.5}, "threshold-bins must be an integer, got 2.5"),
+        (
+            {"threshold-rule": "federated-percentile", "noise-multiplier": 0, "l2-norm-clip": 0},
+            "threshold-rule 'federated-percentile' with DP-SGD off",
+        ),
+        (
+            {"threshold-rule": "federated-percentile", "client-dp": "server-fixed"},
+            "cannot run with client-dp 'server-fixed'",
+        ),
+    ],
+)
+def test_federated_threshold_settings_are_validated(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        FedaeConfig().with_overrides(overrides)
+    assert message in str(info.value)
+
+
+def test_federated_threshold_settings_parse_from_strings() -> None:
+    config = FedaeConfig().with_overrides(
+        parse_key_values(
+            "threshold-rule='federated-percentile' threshold-noise-multiplier=8 threshold-bins=120"
+        )
+    )
+    assert config.threshold_rule == "federated-percentile"
+    assert config.threshold_noise_multiplier == 8.0 and config.threshold_bins == 120
+    assert isinstance(config.threshold_bins, int)
+    # It runs under SecAgg+: each histogram is a DP release of its own, sent as a plain message.
+    assert FedaeConfig(threshold_rule="federated-percentile", secure_aggregation="secagg+").secure_aggregation

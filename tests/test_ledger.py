@@ -211,9 +211,75 @@ def test_a_version_1_ledger_is_upgraded_in_place_and_keeps_every_event(tmp_path)
         events = ledger.events()
     assert [e.run_id for e in events] == ["old-run", "run-1"]
     assert events[0].epochs == 1 and events[0].training_event().sampling == "poisson"
+    assert events[0].mechanism == "dp-sgd"
     with sqlite3.connect(path) as connection:
         version = connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-    assert version == "2"
+    assert version == "3"
+
+
+def _version_2_ledger(path: Path) -> None:
+    """A ledger as fedae wrote it before histogram events (schema version 2), with two trainings."""
+    with sqlite3.connect(path) as connection:
+        connection.executescript(
+            """
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL,
+                round INTEGER NOT NULL, dataset_fingerprint TEXT NOT NULL,
+                num_examples INTEGER NOT NULL CHECK (num_examples > 0),
+                noise_multiplier REAL NOT NULL CHECK (noise_multiplier > 0),
+                sampling_probability REAL NOT NULL
+                    CHECK (sampling_probability > 0 AND sampling_probability <= 1),
+                steps INTEGER NOT NULL CHECK (steps >= 0),
+                l2_norm_clip REAL NOT NULL CHECK (l2_norm_clip > 0),
+                sampling TEXT NOT NULL CHECK (sampling IN ('poisson', 'shuffle')),
+                epochs INTEGER NOT NULL DEFAULT 1 CHECK (epochs >= 1), recorded_at TEXT NOT NULL);
+            CREATE INDEX events_by_data ON events (dataset_fingerprint);
+            INSERT INTO meta VALUES ('schema_version', '2');
+            INSERT INTO events (run_id, round, dataset_fingerprint, num_examples, noise_multiplier,
+                sampling_probability, steps, l2_norm_clip, sampling, epochs, recorded_at)
+                VALUES ('v2-run', 1, 'abc', 3400, 1.5, 0.0188, 54, 0.25, 'poisson', 1, '2026-02-01T00:00:00'),
+                       ('v2-run', 2, 'abc', 3400, 1.5, 0.0188, 54, 0.25, 'poisson', 1, '2026-02-01T00:01:00');
+            """
+        )
+
+
+def test_a_version_2_ledger_is_upgraded_to_3_and_its_events_read_as_dp_sgd(tmp_path) -> None:
+    from shared.privacy import histogram_event
+
+    path = tmp_path / "v2.sqlite"
+    _version_2_ledger(path)
+    with PrivacyLedger(path, create=False) as ledger:  # read-only: read as it is, not upgraded
+        before = ledger.events()
+    assert [(e.run_id, e.round, e.mechanism) for e in before] == [
+        ("v2-run", 1, "dp-sgd"),
+        ("v2-run", 2, "dp-sgd"),
+    ]
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT value FROM meta").fetchone()[0] == "2"  # untouched by reading
+
+    histogram = LedgerEvent("run-2", 0, "abc", 3400, 5.0, 1.0, 1, 1.0, mechanism="histogram")
+    with PrivacyLedger(path) as ledger:  # opened for writing: upgraded in place, then appended to
+        assert ledger.events() == before  # nothing lost, every field as it was
+        ledger.record(histogram)
+    with PrivacyLedger(path, create=False) as ledger:
+        after = ledger.events()
+    assert after == [*before, histogram]
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT value FROM meta").fetchone()[0] == "3"
+        mechanisms = connection.execute("SELECT mechanism FROM events ORDER BY id").fetchall()
+    assert mechanisms == [("dp-sgd",), ("dp-sgd",), ("histogram",)]
+    # The histogram composes as one Gaussian release on top of the two trainings.
+    expected = cumulative_epsilon([*(e.training_event() for e in before), histogram_event(5.0, 3400)], 1e-5)
+    assert cumulative_epsilon([e.training_event() for e in after], 1e-5) == pytest.approx(expected)
+
+
+def test_an_unknown_mechanism_is_refused_by_the_schema(tmp_path) -> None:
+    from dataclasses import replace
+
+    with PrivacyLedger(tmp_path / "l.sqlite") as ledger:
+        with pytest.raises(LedgerError, match="could not record"):
+            ledger.record(replace(event(1), mechanism="laplace"))
+        assert ledger.events() == []
 
 
 def test_shuffled_events_keep_their_sampling_and_epochs(tmp_path) -> None:

@@ -2,10 +2,19 @@
 
 import math
 
+import numpy as np
 import pytest
+from scipy import optimize, stats
 from tensorflow_privacy.privacy.analysis import compute_dp_sgd_privacy_lib
 
-from shared.privacy import TrainingEvent, check_delta, cumulative_epsilon, describe
+from shared.privacy import (
+    TrainingEvent,
+    check_delta,
+    cumulative_epsilon,
+    describe,
+    describe_release,
+    histogram_event,
+)
 
 
 @pytest.mark.parametrize(
@@ -177,3 +186,92 @@ def test_the_empirical_audit_refuses_a_shuffled_run(tmp_path) -> None:
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(DataError, match="shuffled batches, whose bound is replace-one"):
         check_empirical_inputs(tmp_path)
+
+
+# -- the federated threshold's histogram release ---------------------------------------------------------
+
+
+def _rdp_gaussian_by_hand(sigma: float, sensitivity: float, delta: float) -> float:
+    """Independent of dp-accounting: the Gaussian mechanism's RDP, alpha * (sensitivity / sigma)^2 / 2
+    (Mironov 2017), turned into (epsilon, delta) with the improved conversion (Balle et al. 2020,
+    Prop. 12; the one dp-accounting uses), minimised over a fine grid of real orders. dp-accounting
+    searches a fixed list of orders, so its figure is at least this one and very close."""
+    orders = np.linspace(1.01, 1000.0, 1_000_000)
+    rdp = orders * (sensitivity / sigma) ** 2 / 2.0
+    return float(np.min(rdp + np.log1p(-1.0 / orders) - (math.log(delta) + np.log(orders)) / (orders - 1.0)))
+
+
+def _analytic_gaussian(sigma: float, sensitivity: float, delta: float) -> float:
+    """The exact epsilon of one Gaussian mechanism at delta (Balle and Wang 2018, Theorem 8):
+    delta(eps) = Phi(D / 2s - eps s / D) - e^eps Phi(-D / 2s - eps s / D), solved for eps."""
+
+    def excess(eps: float) -> float:
+        a, b = sensitivity / (2 * sigma), eps * sigma / sensitivity
+        return stats.norm.cdf(a - b) - math.exp(eps) * stats.norm.cdf(-a - b) - delta
+
+    return float(optimize.brentq(excess, 0.0, 100.0, xtol=1e-12))
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0, 5.0, 10.0])
+@pytest.mark.parametrize(("sampling", "sensitivity"), [("poisson", 1.0), ("shuffle", math.sqrt(2.0))])
+def test_one_histogram_release_matches_independent_gaussian_figures(sigma, sampling, sensitivity) -> None:
+    # Add/remove one row moves one count by 1; replace-one moves one down and one up: sqrt(2).
+    release = [histogram_event(sigma, 1000, sampling)]
+    by_hand = _rdp_gaussian_by_hand(sigma, sensitivity, 1e-5)
+    rdp_eps = cumulative_epsilon(release, 1e-5, "rdp")
+    assert by_hand * (1 - 1e-9) <= rdp_eps <= by_hand * (1 + 1e-3)
+    assert cumulative_epsilon(release, 1e-5, "pld") == pytest.approx(
+        _analytic_gaussian(sigma, sensitivity, 1e-5), rel=1e-4
+    )
+
+
+def test_the_default_release_costs_what_the_docs_say() -> None:
+    # threshold-noise-multiplier 5 alone: 0.795 (RDP), 0.726 (PLD) at delta 1e-5; added to the default
+    # fleet run's 20 rounds (n 3,400, q 64/3,400, 54 steps, sigma 1.5): 2.10 -> 2.28 (RDP).
+    release = histogram_event(5.0, 3400)
+    assert cumulative_epsilon([release], 1e-5, "rdp") == pytest.approx(0.795, abs=0.001)
+    assert cumulative_epsilon([release], 1e-5, "pld") == pytest.approx(0.726, abs=0.001)
+    rounds = [TrainingEvent(r, 1.5, 64 / 3400, 54, 3400) for r in range(1, 21)]
+    assert cumulative_epsilon(rounds, 1e-5) == pytest.approx(2.102, abs=0.001)
+    assert cumulative_epsilon([*rounds, release], 1e-5) == pytest.approx(2.284, abs=0.001)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_a_histogram_release_composes_with_dp_sgd_for_more_than_either_alone(accountant) -> None:
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
+    training = TrainingEvent(1, 1.5, 0.02, 50, 3400)
+    release = histogram_event(5.0, 3400)
+    alone = [cumulative_epsilon([e], 1e-5, accountant) for e in (training, release)]
+    both = cumulative_epsilon([training, release], 1e-5, accountant)
+    assert both > max(alone)
+    # The same composition written out with dp-accounting's own events: a subsampled Gaussian step 50
+    # times, then one plain Gaussian.
+    reference = (
+        rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant(value_discretization_interval=1e-4)
+    )
+    step = dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(1.5))
+    reference.compose(dp_accounting.SelfComposedDpEvent(step, 50))
+    reference.compose(dp_accounting.GaussianDpEvent(5.0))
+    assert both == pytest.approx(reference.get_epsilon(1e-5), rel=1e-3)
+    # Order does not matter, and the release is counted once per event.
+    assert cumulative_epsilon([release, training], 1e-5, accountant) == pytest.approx(both, rel=1e-9)
+    assert cumulative_epsilon([training, release, release], 1e-5, accountant) > both
+
+
+def test_a_histogram_event_is_one_unsampled_release() -> None:
+    event = histogram_event(5.0, 100)
+    assert (event.sampling_probability, event.steps, event.epochs, event.mechanism) == (
+        1.0,
+        1,
+        1,
+        "histogram",
+    )
+    with pytest.raises(ValueError, match="one Gaussian mechanism on all the rows"):
+        TrainingEvent(0, 5.0, 0.5, 1, 100, "poisson", 1, "histogram")
+    with pytest.raises(ValueError, match="mechanism must be one of"):
+        TrainingEvent(0, 5.0, 1.0, 1, 100, "poisson", 1, "laplace")
+    statement = describe_release(1e-5, "rdp")
+    assert "one release" in statement and "delta=1e-05" in statement and "RDP" in statement
+    assert "threshold histogram" in describe(1e-5, "rdp", "poisson", threshold_release=True)

@@ -290,3 +290,94 @@ def test_secagg_plus_clients_out_of_budget_stop_the_run_cleanly(tmp_path) -> Non
             ledger_path(tmp_path / "secagg-budget" / "state", client_id), create=False
         ) as ledger:
             assert [e.round for e in ledger.events()] == [1]
+
+
+def test_federated_percentile_threshold_end_to_end_charged_once_and_reused_on_re_export(tmp_path) -> None:
+    from shared.audit import audit_run
+    from shared.data.sources import load_server_data
+    from shared.ledger import PrivacyLedger, dataset_fingerprint, ledger_path
+    from shared.privacy import histogram_event
+
+    # wdbc's clients hold 91 rows each: noise multiplier 0.5 reads their 95th percentile to about 2
+    # points (the default's accuracy on realistic sizes is tested in tests/test_federated_threshold.py).
+    out = tmp_path / "fed"
+    config = wdbc_config(
+        out, num_server_rounds=2, threshold_rule="federated-percentile", threshold_noise_multiplier=0.5
+    )
+    summary = simulate(config, compare_baselines=False)
+
+    release = summary["privacy"]["threshold_release"]
+    assert release["contributing_clients"] == [0, 1] and release["fallback"] is None
+    assert (release["percentile"], release["noise_multiplier"], release["bins"]) == (95.0, 0.5, 80)
+    detector = load_bundle(out / "bundle")
+    assert (
+        detector.threshold
+        == pytest.approx(release["threshold"])
+        == pytest.approx(summary["detector"]["threshold"])
+    )
+    assert detector.threshold_rule == "federated-percentile"
+    rule = detector.metadata["threshold_rule"]
+    assert "95th percentile of the clients' own training scores" in rule and "2 of 2 clients" in rule
+    assert "noise multiplier 0.5" in rule and "80 log-spaced bins" in rule
+    assert detector.metadata["privacy"]["threshold_release"] == release
+    assert "### Federated threshold" in (out / "report.md").read_text()
+
+    # Both thresholds come from normal data of the same distribution (wdbc, iid): the federated one is
+    # within a factor 1.5 of the coordinator's calibration 95th percentile, and its rank among the
+    # clients' own training rows within 8 points of 95 (noise, sampling and one bin).
+    server = load_server_data(config)
+    calibration_p95 = np.percentile(detector.score(server.x_calibration), 95)
+    assert 1 / 1.5 < detector.threshold / calibration_p95 < 1.5
+    pooled = np.concatenate([detector.score(load_client_data(config, c).x_train) for c in (0, 1)])
+    assert abs(100 * np.mean(pooled <= detector.threshold) - 95) <= 8
+
+    # Each ledger holds the two trainings and one histogram event, under the training data's fingerprint;
+    # the per-client figures count it, and the audit recomputes them from the ledgers alone.
+    def ledgers() -> dict[int, list]:
+        found = {}
+        for c in (0, 1):
+            with PrivacyLedger(ledger_path(out / "state", c), create=False) as ledger:
+                found[c] = ledger.events()
+        return found
+
+    for client, events in ledgers().items():
+        assert [(e.mechanism, e.round) for e in events] == [("dp-sgd", 1), ("dp-sgd", 2), ("histogram", 0)]
+        x_train = load_client_data(config, client).x_train
+        assert {e.dataset_fingerprint for e in events} == {dataset_fingerprint(x_train)}
+        after = cumulative_epsilon([e.training_event() for e in events], config.delta)
+        assert release["epsilon_after"]["per_client"][str(client)] == pytest.approx(after, rel=1e-9)
+        assert summary["privacy"]["sample_level"]["per_client"][str(client)] == pytest.approx(after, rel=1e-9)
+        alone = cumulative_epsilon([histogram_event(0.5, len(x_train))], config.delta)
+        assert release["release_epsilon"]["per_client"][str(client)] == pytest.approx(alone, rel=1e-9)
+    assert audit_run(out)["matches_run"]
+
+    # Exporting the finished run again reuses the kept release: same threshold, nobody charged twice.
+    again = simulate(config, compare_baselines=False)
+    assert again["privacy"]["threshold_release"]["threshold"] == pytest.approx(release["threshold"])
+    assert all(sum(e.mechanism == "histogram" for e in events) == 1 for events in ledgers().values())
+    assert audit_run(out)["matches_run"]
+
+
+def test_federated_percentile_under_secagg_plus_queries_in_the_clear_under_the_trainings_run_id(
+    tmp_path,
+) -> None:
+    from shared.ledger import PrivacyLedger, ledger_path
+
+    config = wdbc_config(
+        tmp_path / "secagg-fed",
+        num_clients=3,
+        num_server_rounds=1,
+        secure_aggregation="secagg+",
+        threshold_rule="federated-percentile",
+        threshold_noise_multiplier=0.5,
+    )
+    summary = simulate(config, compare_baselines=False)
+    release = summary["privacy"]["threshold_release"]
+    assert release["contributing_clients"] == [0, 1, 2] and release["threshold"] is not None
+    assert summary["detector"]["threshold"] == pytest.approx(release["threshold"])
+    assert "noisy histograms travel as plain messages" in summary["aggregation"]["not_hidden"]
+    for client in (0, 1, 2):
+        with PrivacyLedger(ledger_path(tmp_path / "secagg-fed" / "state", client), create=False) as ledger:
+            events = ledger.events()
+        assert [e.mechanism for e in events] == ["dp-sgd", "histogram"]
+        assert len({e.run_id for e in events}) == 1  # the release is filed with the run's training
