@@ -11,9 +11,11 @@ import shared.tfenv  # noqa: F401  (import-time switches before TensorFlow: keep
 # isort: split
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
@@ -96,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         "never a client's); default: synthetic rows",
     )
     export.add_argument("--verbose", action="store_true", help="show TensorFlow's own logs")
+    _add_detect_parser(sub)
 
     privacy = sub.add_parser("privacy", help="privacy accounting of a run").add_subparsers(
         dest="privacy_command", required=True
@@ -148,6 +151,65 @@ def _add_serve_parser(sub: Any) -> None:
         help=f"recent scores the drift statistics and anomaly rate cover (default {DEFAULT_DRIFT_WINDOW})",
     )
     serve.add_argument("--verbose", action="store_true", help="uvicorn's access log and debug logging")
+
+
+DETECT_DESCRIPTION = """\
+Score every row of INPUT (CSV, Parquet, or NPZ; images only as NPZ) with the detector in BUNDLE, reading
+it in chunks, so files larger than memory work. Columns are matched to the bundle's features by name
+(their order does not matter); a column named id (any case), or --id-column, is carried to the output;
+the label column (--label-column; default the training run's, else 'label') is ignored, so labelled
+test files can be scored as they are. Any other column, a missing one, or an image of another shape
+stops the run. A cell that is not a finite number stops it too (--on-invalid fail, the default), naming
+the column and the 1-based data row, or its row is skipped, counted and reported (--on-invalid skip).
+--out FILE (.csv or .parquet) gets one line per scored row: the id column (without one: row, the data
+row number), score, and anomaly (1 if score > threshold); it is written beside FILE and renamed only
+when the run succeeds. Without --out, only the summary is printed.
+
+Exit codes: 0 scored, 2 bad input (file, column, row, bundle that fails its checks, options), 1 other."""
+
+
+def _add_detect_parser(sub: Any) -> None:
+    from shared.batch_scoring import DEFAULT_CHUNK_ROWS, DRIFT_WINDOW_CAP
+
+    detect = sub.add_parser(
+        "detect",
+        help="score a CSV/Parquet/NPZ file with an exported bundle, in chunks (batch scoring)",
+        description=DETECT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    detect.add_argument("bundle", metavar="BUNDLE", help="a bundle folder (RUN_DIR/bundle) or .tar.gz")
+    detect.add_argument("input", metavar="INPUT", help="the file to score: .csv, .parquet/.pq or .npz")
+    detect.add_argument(
+        "--out", metavar="FILE", help="per-row scores: .csv or .parquet/.pq (default: summary only)"
+    )
+    detect.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    detect.add_argument(
+        "--on-invalid",
+        choices=("fail", "skip"),
+        default="fail",
+        help="a row with a bad cell: stop with exit 2 (fail, the default) or leave it out and report it "
+        "(skip); column problems always stop the run",
+    )
+    detect.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=DEFAULT_CHUNK_ROWS,
+        metavar="N",
+        help=f"rows read and scored at a time (default {DEFAULT_CHUNK_ROWS})",
+    )
+    detect.add_argument(
+        "--drift",
+        action="store_true",
+        help="judge the scores' drift against the bundle's calibration scores (PSI and KS over the "
+        f"file's last {DRIFT_WINDOW_CAP} scores at most; exit 2 if the bundle has no drift reference)",
+    )
+    detect.add_argument("--id-column", metavar="NAME", help="the id column (default: one named id, any case)")
+    detect.add_argument(
+        "--label-column",
+        metavar="NAME",
+        help="a label column to ignore (default: the training run's label column, else 'label')",
+    )
+    detect.add_argument("--verbose", action="store_true", help="show TensorFlow's own logs")
 
 
 def _add_deployment_parsers(sub: Any) -> None:
@@ -507,6 +569,60 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# A progress bar (on stderr, when it is a terminal) for inputs at least this large.
+PROGRESS_MIN_BYTES = 16 * 2**20
+
+
+def _detect(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from shared.batch_scoring import check_request, format_summary, score_file
+    from shared.config import ConfigError
+    from shared.detector import is_archive, load_bundle
+
+    check_request(args.input, args.out, args.chunk_rows, args.on_invalid)  # before TensorFlow loads
+    if not (Path(args.bundle).is_dir() or (is_archive(args.bundle) and Path(args.bundle).is_file())):
+        raise ConfigError(f"{args.bundle}: no such bundle folder or .tar.gz")
+    detector = load_bundle(args.bundle)  # checks every file against the manifest first (BundleError: exit 2)
+    with _progress_bar(args.input) as on_progress:
+        summary = score_file(
+            detector,
+            args.input,
+            args.out,
+            chunk_rows=args.chunk_rows,
+            on_invalid=args.on_invalid,
+            label_column=args.label_column,
+            id_column=args.id_column,
+            drift=args.drift,
+            on_progress=on_progress,
+        )
+    summary = {"bundle": args.bundle, **summary}
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _progress_bar(path: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on stderr for a large input, when stderr is a terminal (never on stdout)."""
+    if not sys.stderr.isatty() or os.path.getsize(path) < PROGRESS_MIN_BYTES:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn(f"scoring {os.path.basename(path)}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("scoring", total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
 def _scenarios(_: argparse.Namespace) -> int:
     from simulations import scenarios
 
@@ -544,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         "privacy": _privacy,
         "robustness": _robustness,
         "bundle": _bundle,
+        "detect": _detect,
         "certs": _certs,
         "superlink": _superlink,
         "supernode": _supernode,

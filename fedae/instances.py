@@ -24,11 +24,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
 import numpy as np
+
+from shared.input_schema import InputSchema
 
 # The service's default limits (``fedae serve --max-instances / --max-body-bytes``), here because the CLI
 # reads them without importing the service's web stack.
@@ -48,32 +49,6 @@ class RequestError(Exception):
         self.status = status
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True)
-class InputSchema:
-    """What one instance must look like: the raw example shape and, for tables, the feature names."""
-
-    kind: str  # "tabular" | "image"
-    shape: tuple[int, ...]
-    feature_names: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not self.shape or any(size < 1 for size in self.shape):
-            raise ValueError(f"an input shape needs at least one positive size, got {self.shape}")
-        if self.feature_names and (len(self.shape) != 1 or len(self.feature_names) != self.shape[0]):
-            raise ValueError(
-                f"{len(self.feature_names)} feature names do not fit the input shape {list(self.shape)}"
-            )
-
-    @classmethod
-    def from_detector(cls, detector: Any) -> InputSchema:
-        """The scaler's raw shape (what ``detector.score`` takes) and the bundle's feature names."""
-        schema = detector.metadata.get("input_schema") or {}
-        shape = tuple(int(size) for size in detector.scaler.input_shape)
-        names = tuple(str(name) for name in schema.get("feature_names") or ())
-        kind = str(schema.get("kind") or ("tabular" if len(shape) == 1 else "image"))
-        return cls(kind, shape, names)
 
 
 class NonFinite:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,20 +85,34 @@ def _read_frame(path: Path, label_column: str) -> Table:
         raise DataError("no feature columns", path=str(path))
     x = np.empty(frame.shape, dtype=np.float32)
     for j, column in enumerate(frame.columns):
-        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(values)
+        values, bad = numeric_cells(frame[column])
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raw = _plain(frame[column].iloc[row])
-            if pd.isna(raw):
-                reason = "value is missing (empty or NaN)"
-            elif pd.isna(values[row]):
-                reason = f"value {raw!r} is not a number"
-            else:
-                reason = f"value {raw!r} is infinite"
+            reason = cell_problem(frame[column].iloc[row], values[row])
             raise DataError(reason, path=str(path), row=row + 1, column=str(column))
         x[:, j] = values
     return Table(str(path), x, labels, tuple(str(c) for c in frame.columns))
+
+
+def numeric_cells(column: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A table column (pandas Series) as float64 values, and the mask of its cells that are not finite
+    numbers (missing, not a number, or infinite): ``cell_problem`` says which."""
+    import pandas as pd
+
+    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+    return values, ~np.isfinite(values)
+
+
+def cell_problem(raw: object, value: float) -> str:
+    """Why a cell is not a finite number, from its raw content and ``numeric_cells``' value for it."""
+    import pandas as pd
+
+    raw = _plain(raw)
+    if pd.isna(raw):
+        return "value is missing (empty or NaN)"
+    if pd.isna(value):
+        return f"value {raw!r} is not a number"
+    return f"value {raw!r} is infinite"
 
 
 def _read_npz(path: Path, label_column: str) -> Table:
@@ -178,11 +193,16 @@ def align_columns(table: Table, names: tuple[str, ...]) -> np.ndarray:
     """Return the table's features in the order ``names`` (matched by name, so column order may differ)."""
     if table.is_image or table.feature_names == names:
         return table.x
-    missing = [n for n in names if n not in table.feature_names]
+    return table.x[:, column_order(table.feature_names, names, table.path)]
+
+
+def column_order(found: tuple[str, ...], names: tuple[str, ...], path: str) -> list[int]:
+    """Indices into ``found`` that give the columns ``names`` (matched by name); a DataError naming the
+    first missing column, else the first unexpected one."""
+    missing = [n for n in names if n not in found]
     if missing:
-        raise DataError(f"missing column(s) {missing}", path=table.path, column=missing[0])
-    extra = [n for n in table.feature_names if n not in names]
+        raise DataError(f"missing column(s) {missing}", path=path, column=missing[0])
+    extra = [n for n in found if n not in names]
     if extra:
-        raise DataError(f"unexpected column(s) {extra}", path=table.path, column=extra[0])
-    index = [table.feature_names.index(n) for n in names]
-    return table.x[:, index]
+        raise DataError(f"unexpected column(s) {extra}", path=path, column=extra[0])
+    return [found.index(n) for n in names]
