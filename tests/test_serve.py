@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,10 +22,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
+from live_server import LiveServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedae.serve import bind_socket, create_app
+from fedae.serve import create_app
 from shared.detector import Detector, load_bundle, save_bundle
 from shared.drift import DriftReference
 from shared.models import ModelSpec, build_model
@@ -37,26 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FEATURES = ["cell_v", "cell_t", "pack_current", "soc", "speed", "ambient_t"]
 MAX_INSTANCES = 64
 MAX_BODY = 64 * 1024
-
-
-class LiveServer:
-    """A real uvicorn server for ``app`` on a free loopback port, in a daemon thread."""
-
-    def __init__(self, app) -> None:
-        sock = bind_socket("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 def _normal_rows(rng: np.random.Generator, n: int) -> np.ndarray:
