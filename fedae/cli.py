@@ -483,7 +483,7 @@ def _bundle(args: argparse.Namespace) -> int:
     import json
 
     from shared.data.errors import DataError
-    from shared.detector import BundleError, load_bundle, pack_bundle, save_bundle
+    from shared.detector import BundleError, export_bundle, load_bundle, pack_bundle
 
     if args.bundle_command == "inspect":
         from shared.bundle_info import describe_bundle, format_bundle
@@ -499,12 +499,8 @@ def _bundle(args: argparse.Namespace) -> int:
             kinds = parse_exports(args.formats)
         except ValueError as err:
             raise BundleError(f"--formats: {err}") from err
-        if str(args.bundle).endswith(".tar.gz"):
-            raise BundleError(
-                f"{args.bundle}: exports are added to a bundle folder; unpack the archive first"
-            )
         # Loaded (so every file is checked) before anything is written: the rewritten manifest vouches
-        # only for files that matched the old one.
+        # only for files that matched the old one (export_bundle works on a checked copy again).
         detector = load_bundle(args.bundle)
         representative = None
         if args.representative:
@@ -520,7 +516,7 @@ def _bundle(args: argparse.Namespace) -> int:
                     path=args.representative,
                 )
             representative = Representative.from_rows(rows, f"rows of {args.representative}")
-        save_bundle(detector, args.bundle, kinds, representative)
+        export_bundle(args.bundle, kinds, representative)
         print(f"{args.bundle}: exports {', '.join(kinds) or 'none'}; manifest rewritten")
     return EXIT_OK
 

@@ -701,7 +701,7 @@ class _NpzReader(_Reader):
             ids = None
             if self.ids is not None:
                 values = self.ids.read(rows)
-                ids = pa.array(values.astype(str) if values.dtype.kind == "S" else values)
+                ids = pa.array(_decoded(values, self.path, start) if values.dtype.kind == "S" else values)
             self._done = start + rows
             yield Chunk(start, x, bad, problems, ids)
 
@@ -777,3 +777,18 @@ def _csv_header(name: str) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="").writerow([name])
     return buffer.getvalue()
+
+
+def _decoded(values: np.ndarray, path: Any, start: int) -> np.ndarray:
+    """Byte-string ids as text; one that is not UTF-8 is a DataError naming its row, not a crash."""
+    try:
+        return np.char.decode(values, "utf-8")
+    except UnicodeDecodeError:
+        for r, value in enumerate(values):
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"id {value!r} is not UTF-8 text ({err.reason})", path=str(path), row=start + r + 1
+                ) from err
+        raise

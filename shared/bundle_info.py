@@ -13,22 +13,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from shared.detector import DRIFT_FILE, bundle_id, is_archive, unpack_bundle, verify_bundle
+from shared.detector import DRIFT_FILE, MANIFEST, bundle_id, checked_copy
 
 
 def describe_bundle(path: str | Path) -> dict[str, Any]:
-    """The checked bundle (folder or ``.tar.gz``) as one JSON-ready dict."""
-    path = Path(path)
-    if is_archive(path):
-        with tempfile.TemporaryDirectory(prefix="fedae-inspect-") as scratch:
-            info = _describe_folder(unpack_bundle(path, Path(scratch)))
-    else:
-        info = _describe_folder(path)
-    return {"bundle": str(path), **info}
+    """The checked bundle (folder or ``.tar.gz``) as one JSON-ready dict, read from a checked private
+    copy (what is shown is what was checked)."""
+    with tempfile.TemporaryDirectory(prefix="fedae-inspect-") as scratch:
+        return {"bundle": str(path), **_describe_folder(checked_copy(path, Path(scratch)))}
 
 
 def _describe_folder(folder: Path) -> dict[str, Any]:
-    manifest = verify_bundle(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
     metadata = json.loads((folder / "metadata.json").read_text())
     threshold = json.loads((folder / "threshold.json").read_text())
     drift = json.loads((folder / DRIFT_FILE).read_text()) if (folder / DRIFT_FILE).is_file() else None

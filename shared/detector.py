@@ -1,16 +1,20 @@
 """The anomaly detector: residual scores, thresholds, metrics, and the exported bundle.
 
-A bundle is one folder that needs nothing else to score data: ``model.keras`` (Keras 2 format, loaded
-in safe mode), ``preprocessing.json`` (the scaler), ``threshold.json`` (threshold and score rule with
-its per-feature scales) and ``metadata.json`` (input schema, model kind, privacy figures, training run),
-and ``manifest.json``: the SHA-256 and size of every other file, the creation time and the fedae,
-TensorFlow, tf-keras and Flower versions that wrote it. Loading checks every file against the manifest
-before it reads the model, and refuses a bundle with a changed, missing or unlisted file.
+A bundle is one folder that needs nothing else to score data: ``model.keras`` (Keras 2 format; only its
+weights are read), ``preprocessing.json`` (the scaler), ``threshold.json`` (threshold and score rule with
+its per-feature scales), ``metadata.json`` (input schema, model kind, privacy figures, robustness
+headline, training run, exports), ``drift.json`` (the calibration scores' distribution), the serving
+exports (``shared/export.py``), and ``manifest.json``: the SHA-256 and size of every other file, the
+creation time and the fedae, TensorFlow, tf-keras and Flower versions that wrote it.
+
+Loading copies the bundle into a private folder, checks every file of the copy against the manifest,
+and reads only the copy: a changed, missing, unlisted or non-plain file is refused, and a file swapped
+in the original after the check is never read. The model is built in code from the checked metadata
+and only its weights come from ``model.keras``, so no config from the bundle is deserialised.
 
 The checksums catch a corrupted copy and a file swapped in the bundle; someone who can rewrite the
 manifest too is not stopped by them (that needs a signature, which a deployment can add around the
-bundle), nor is someone who swaps a file between the check and the load (anyone who can write the
-folder while it is loaded is outside what a checksum can answer).
+bundle).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -255,19 +260,20 @@ def _entry_problem(name: str, entry: Any, path: Path) -> str | None:
     return None
 
 
-def verify_bundle(folder: str | Path) -> dict[str, Any]:
+def verify_bundle(folder: str | Path, shown: str | Path | None = None) -> dict[str, Any]:
     """The bundle's manifest, once every entry of the folder matches it; ValueError naming each one that
     does not (changed, missing, not listed, not a plain file, or a malformed manifest entry).
 
     Names in the manifest are never turned into paths: only the folder's own entries are read, so a
-    manifest cannot point the check at a file outside the bundle."""
+    manifest cannot point the check at a file outside the bundle. ``shown``: the name messages use."""
     folder = Path(folder)
+    label = Path(shown) if shown is not None else folder  # what messages call it (a checked copy's origin)
     if (folder / MANIFEST).is_symlink():  # a link could make the manifest vouch from outside the bundle
-        raise BundleError(f"{folder / MANIFEST}: not a plain file (a symbolic link), refusing the bundle")
+        raise BundleError(f"{label / MANIFEST}: not a plain file (a symbolic link), refusing the bundle")
     manifest = _read_json_object(folder / MANIFEST, "bundle manifest")
     listed = manifest.get("files")
     if not isinstance(listed, dict) or not listed:
-        raise BundleError(f"{folder / MANIFEST}: not a readable bundle manifest ('files' lists nothing)")
+        raise BundleError(f"{label / MANIFEST}: not a readable bundle manifest ('files' lists nothing)")
     present, odd = _walk(folder)
     present.pop(MANIFEST, None)
     problems = [f"{name}: not a plain file" for name in odd]
@@ -281,7 +287,7 @@ def verify_bundle(folder: str | Path) -> dict[str, Any]:
             problems.append(problem)
     if problems:
         raise BundleError(
-            f"{folder}: refusing a bundle that does not match its manifest: " + "; ".join(problems)
+            f"{label}: refusing a bundle that does not match its manifest: " + "; ".join(problems)
         )
     return manifest
 
@@ -299,29 +305,41 @@ def is_archive(path: str | Path) -> bool:
     return str(path).endswith(ARCHIVE_SUFFIX)
 
 
+MAX_ARCHIVE_BYTES = 4 << 30  # what an archive may unpack to: a bundle is megabytes, a bomb is not
+
+
 def pack_bundle(folder: str | Path, archive: str | Path | None = None) -> Path:
     """The checked bundle ``folder`` as one ``.tar.gz`` (default: beside it, ``<folder>.tar.gz``) holding
     the folder under its own name; written to a temporary name first, so a failure leaves no archive."""
     folder = Path(folder)
-    verify_bundle(folder)  # an archive of a tampered bundle would carry the tampering on, checked or not
     archive = Path(archive) if archive is not None else folder.with_name(folder.name + ARCHIVE_SUFFIX)
     if not is_archive(archive):
         raise BundleError(f"a bundle archive's name must end in {ARCHIVE_SUFFIX}, got {archive}")
+    if archive.resolve().is_relative_to(folder.resolve()):
+        raise BundleError(f"{archive}: the archive cannot go inside the bundle it packs ({folder})")
     partial = archive.with_name(archive.name + ".partial")
-    files, _ = _walk(folder)
-    with tarfile.open(partial, "w:gz") as tar:
-        for name in sorted(files):  # files only, in a fixed order: no links, owners are not kept
-            info = tar.gettarinfo(files[name], arcname=f"{folder.name}/{name}")
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            with files[name].open("rb") as handle:
-                tar.addfile(info, handle)
-    partial.replace(archive)
+    with tempfile.TemporaryDirectory(prefix="fedae-pack-") as scratch:
+        # Packed from a checked private copy: an archive of a tampered bundle would carry it on.
+        checked = checked_copy(folder, Path(scratch))
+        files, _ = _walk(checked)
+        try:
+            with tarfile.open(partial, "w:gz") as tar:
+                for name in sorted(files):  # files only, in a fixed order: no links, owners are not kept
+                    info = tar.gettarinfo(files[name], arcname=f"{folder.name}/{name}")
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    with files[name].open("rb") as handle:
+                        tar.addfile(info, handle)
+            partial.replace(archive)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
     return archive
 
 
 def unpack_bundle(archive: Path, into: Path) -> Path:
-    """Extract a bundle archive (regular files and folders only, nothing outside ``into``); its folder."""
+    """Extract a bundle archive into ``into``; its folder. Nothing is written until the archive's own
+    manifest is read and every member is a plain file (or folder) it lists, of the size it says."""
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = tar.getmembers()
@@ -331,29 +349,81 @@ def unpack_bundle(archive: Path, into: Path) -> Path:
             tops = {m.name.split("/", 1)[0] for m in members}
             if len(tops) != 1:
                 raise BundleError(f"{archive}: a bundle archive holds one folder, found {sorted(tops)}")
+            top = tops.pop()
+            listed = _archive_manifest(tar, archive, top)
+            problems, total = [], 0
+            for member in members:
+                if not member.isfile():
+                    continue
+                name = member.name.removeprefix(f"{top}/")
+                entry = listed.get(name)
+                if name == MANIFEST:
+                    continue
+                if not isinstance(entry, dict):
+                    problems.append(f"{name}: not in the manifest")
+                elif member.size != entry.get("bytes"):
+                    problems.append(f"{name}: {member.size} bytes, the manifest says {entry.get('bytes')}")
+                total += member.size
+            if problems:
+                raise BundleError(
+                    f"{archive}: refusing an archive that does not match its manifest: "
+                    + "; ".join(problems[:10])
+                )
+            if total > MAX_ARCHIVE_BYTES:
+                raise BundleError(
+                    f"{archive}: would unpack to {total:,d} bytes (the limit is {MAX_ARCHIVE_BYTES:,d})"
+                )
             # The "data" filter refuses absolute names, ".." and links out of ``into``.
             tar.extractall(into, filter="data")
     except (tarfile.TarError, OSError, EOFError) as err:
         raise BundleError(f"{archive}: not a readable bundle archive ({err})") from err
-    return into / tops.pop()
+    return into / top
 
 
-def load_bundle(folder: str | Path) -> Detector:
-    """Load a bundle folder or ``.tar.gz`` archive; Keras loads the model in safe mode (no code from the
-    bundle runs). An archive is unpacked into a temporary folder, checked and loaded from there."""
-    if is_archive(folder):
-        with tempfile.TemporaryDirectory(prefix="fedae-bundle-") as scratch:
-            detector = _load_folder(unpack_bundle(Path(folder), Path(scratch)))
-        return detector
-    return _load_folder(Path(folder))
+def _archive_manifest(tar: tarfile.TarFile, archive: Path, top: str) -> dict[str, Any]:
+    member = next((m for m in tar.getmembers() if m.name == f"{top}/{MANIFEST}" and m.isfile()), None)
+    if member is None or member.size > 1 << 20:
+        raise BundleError(f"{archive}: no readable {MANIFEST} in {top}/: the archive cannot be checked")
+    handle = tar.extractfile(member)
+    try:
+        listed = json.loads(handle.read() if handle else b"").get("files")
+    except (ValueError, AttributeError) as err:
+        raise BundleError(f"{archive}: {top}/{MANIFEST} is not a readable bundle manifest ({err})") from err
+    if not isinstance(listed, dict):
+        raise BundleError(f"{archive}: {top}/{MANIFEST} is not a readable bundle manifest (no 'files')")
+    return listed
 
 
-def _load_folder(folder: Path) -> Detector:
-    from shared.models import ModelSpec, Reparameterize, tf  # noqa: F401  (registers the VAE layer)
+def checked_copy(path: str | Path, scratch: Path) -> Path:
+    """A private copy of the bundle (folder or ``.tar.gz``) under ``scratch``, checked against its
+    manifest. Everything read afterwards comes from this copy, so what is used is exactly what was
+    checked: a file swapped in the original after the check is never read."""
+    path = Path(path)
+    if is_archive(path):
+        folder = unpack_bundle(path, scratch)
+    else:
+        if not path.is_dir():
+            raise BundleError(f"{path}: no such bundle folder")
+        files, odd = _walk(path)
+        if odd:  # the copy would silently leave them out: refuse as the check would
+            raise BundleError(
+                f"{path}: refusing a bundle that does not match its manifest: "
+                + "; ".join(f"{name}: not a plain file" for name in odd)
+            )
+        folder = scratch / "bundle"
+        for name, source in files.items():
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target, follow_symlinks=False)
+    _check_format(folder, path)
+    verify_bundle(folder, shown=path)
+    return folder
 
+
+def _check_format(folder: Path, shown: Path) -> None:
     missing = [n for n in BUNDLE_FILES if not (folder / n).is_file()]
     if missing and missing != [MANIFEST]:
-        raise BundleError(f"{folder} is not a fedae bundle: missing {', '.join(missing)}")
+        raise BundleError(f"{shown} is not a fedae bundle: missing {', '.join(missing)}")
     # The format before the checksums: a bundle from another fedae version is told so, not called
     # tampered. With a manifest, its own format field says it (metadata.json is read only once checked).
     if missing:
@@ -362,43 +432,84 @@ def _load_folder(folder: Path) -> Detector:
         found = _read_json_object(folder / MANIFEST, "bundle manifest").get("format")
     if found != BUNDLE_FORMAT:
         raise BundleError(
-            f"{folder}: bundle format {found!r} is not supported (this fedae reads format {BUNDLE_FORMAT}; "
+            f"{shown}: bundle format {found!r} is not supported (this fedae reads format {BUNDLE_FORMAT}; "
             "export the run's bundle again with it)"
         )
     if missing:
-        raise BundleError(f"{folder}: missing {MANIFEST}: the bundle's files cannot be checked, refusing it")
-    verify_bundle(folder)  # before any file is used: the model is only loaded from checked bytes
+        raise BundleError(f"{shown}: missing {MANIFEST}: the bundle's files cannot be checked, refusing it")
+
+
+def load_bundle(path: str | Path) -> Detector:
+    """Load a bundle folder or ``.tar.gz`` archive from a checked private copy (``checked_copy``).
+
+    The model is built in code from the checked metadata (``shared.models.build_model``) and only its
+    weights are read from ``model.keras``: no model config from the bundle is deserialised, so a bundle
+    cannot make Keras import or call anything (tf-keras' safe mode still imports any module a config
+    names)."""
+    with tempfile.TemporaryDirectory(prefix="fedae-bundle-") as scratch:
+        return _load_checked(checked_copy(path, Path(scratch)))
+
+
+def _load_checked(folder: Path) -> Detector:
+    from shared.models import ModelSpec, build_model
+
     identity = bundle_id(folder)
     metadata = _read_json_object(folder / "metadata.json", "bundle metadata file")
-    m = metadata["model"]
-    spec = ModelSpec(
-        m["kind"],
-        tuple(m["input_shape"]),
-        int(m["latent_dim"]),
-        m["output_activation"],
-        m.get("activation", "relu"),
-    )
-    model = tf.keras.models.load_model(folder / "model.keras", compile=False, safe_mode=True)
-    threshold = json.loads((folder / "threshold.json").read_text())
-    scaler = Scaler.from_dict(json.loads((folder / "preprocessing.json").read_text()))
-    scorer = ResidualScorer.from_dict(threshold["scorer"])
+    threshold = _read_json_object(folder / "threshold.json", "bundle threshold file")
+    try:
+        m = metadata["model"]
+        spec = ModelSpec(
+            str(m["kind"]),
+            tuple(int(v) for v in m["input_shape"]),
+            int(m["latent_dim"]),
+            str(m["output_activation"]),
+            str(m.get("activation", "relu")),
+        )
+        model = build_model(spec)
+        # Weights only (see load_bundle); a shape that does not fit the built model is refused.
+        model.load_weights(str(folder / "model.keras"))
+        scaler = Scaler.from_dict(_read_json_object(folder / "preprocessing.json", "bundle scaler file"))
+        scorer = ResidualScorer.from_dict(threshold["scorer"])
+        value, rule = float(threshold["threshold"]), str(threshold["rule"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"{folder.name}: the bundle's files do not describe a detector ({err!r})") from err
     drift = None
-    if (folder / DRIFT_FILE).is_file():  # checked above: a drift.json present is listed in the manifest
+    if (folder / DRIFT_FILE).is_file():  # checked: a drift.json present is listed in the manifest
         try:
             drift = DriftReference.from_dict(_read_json_object(folder / DRIFT_FILE, "drift reference"))
         except ValueError as err:
-            raise BundleError(f"{folder / DRIFT_FILE}: {err}") from err
-    return Detector(
-        model,
-        spec,
-        scaler,
-        scorer,
-        float(threshold["threshold"]),
-        threshold["rule"],
-        metadata,
-        drift,
-        identity,
-    )
+            raise BundleError(f"{DRIFT_FILE}: {err}") from err
+    return Detector(model, spec, scaler, scorer, value, rule, metadata, drift, identity)
+
+
+def export_bundle(
+    folder: str | Path, kinds: tuple[str, ...], representative: Representative | None = None
+) -> Path:
+    """Replace the bundle's serving exports with ``kinds``, all or nothing.
+
+    The new bundle is built from a checked copy in a staging folder beside ``folder`` (same file system)
+    and swapped in by two renames, so a failure (a converter error, Ctrl-C, a full disk) leaves the old
+    bundle as it was. Only the exports, ``metadata.json`` (its ``exports``) and the manifest change; the
+    model and the other files are the checked bytes."""
+    folder = Path(folder)
+    if is_archive(folder):
+        raise BundleError(f"{folder}: exports are added to a bundle folder; unpack the archive first")
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.export-") as staging:
+        checked = checked_copy(folder, Path(staging))
+        detector = _load_checked(checked)
+        metadata = _read_json_object(checked / "metadata.json", "bundle metadata file")
+        metadata["exports"] = write_exports(detector, checked, kinds, representative)
+        (checked / "metadata.json").write_text(json.dumps(metadata, indent=2, default=_json_default))
+        files, _ = _walk(checked)
+        write_manifest(checked, [name for name in files if name != MANIFEST])
+        old = Path(staging) / "old"
+        folder.rename(old)
+        try:
+            checked.rename(folder)
+        except BaseException:
+            old.rename(folder)  # put the original back before the staging folder is removed
+            raise
+    return folder
 
 
 def _json_default(value: Any) -> Any:

@@ -89,7 +89,7 @@ def build_conv(spec: ModelSpec) -> tf.keras.Model:
 class Reparameterize(tf.keras.layers.Layer):
     """z = mu + sigma * eps, with eps given as an input (zeros when scoring).
 
-    A named layer rather than a Lambda, so a saved bundle loads in Keras' safe mode.
+    A named layer rather than a Lambda: a Lambda cannot be saved without pickled Python code.
     """
 
     def call(self, inputs: list[tf.Tensor]) -> tf.Tensor:

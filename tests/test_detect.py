@@ -535,3 +535,34 @@ def test_the_progress_bar_goes_to_stderr_and_leaves_stdout_to_the_json(
     assert code == 0, stderr
     assert json.loads(stdout)["rows_scored"] == ROWS  # stdout holds the JSON and nothing else
     assert len(updates) == 15 and updates[-1] == (data.stat().st_size,) * 2  # CSV: bytes read
+
+
+@pytest.mark.parametrize(
+    ("name", "column", "needle"),
+    [
+        ("bools.csv", [True] * ROWS, "value True is not a number"),
+        ("dates.parquet", pd.Timestamp("2026-01-01") + pd.to_timedelta(np.arange(ROWS), "s"), "Timestamp"),
+        ("durations.parquet", pd.to_timedelta(np.arange(ROWS), "s"), "Timedelta"),
+    ],
+)
+def test_booleans_and_dates_are_not_numbers(
+    tmp_path, rng, capsys, table_bundle, name, column, needle
+) -> None:
+    # They convert to numbers (1, epoch nanoseconds) and would be scored as readings: all anomalies.
+    frame = _frame(_rows(rng))
+    frame["b"] = column
+    code, _, err = _detect(
+        capsys, str(table_bundle[0]), str(_write(frame, tmp_path / name)), "--out", str(tmp_path / "o.csv")
+    )
+    assert code == 2 and "row 1, column 'b'" in err and needle in err
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_an_npz_id_that_is_not_utf8_exits_2_naming_its_row(tmp_path, rng, capsys, table_bundle) -> None:
+    x = _rows(rng)
+    ids = np.array([b"ok"] * 10 + [b"\xff"] + [b"ok"] * (ROWS - 11))
+    np.savez(tmp_path / "ids.npz", x=x, feature_names=np.array(FEATURES), id=ids)
+    code, _, err = _detect(
+        capsys, str(table_bundle[0]), str(tmp_path / "ids.npz"), "--out", str(tmp_path / "o.csv")
+    )
+    assert code == 2 and "row 11" in err and "not UTF-8" in err and "Traceback" not in err

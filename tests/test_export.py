@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from shared.detector import Detector, load_bundle, pack_bundle, save_bundle, verify_bundle
+from shared.detector import (
+    Detector,
+    export_bundle,
+    load_bundle,
+    pack_bundle,
+    save_bundle,
+    unpack_bundle,
+    verify_bundle,
+    write_manifest,
+)
 from shared.export import SIGNATURE, parse_exports, synthetic_rows, tflite_scores
 from shared.models import ModelSpec, build_model, residuals, tf
 from shared.preprocess import Scaler
@@ -163,9 +172,12 @@ def test_a_tampered_or_unsafe_archive_is_refused(tmp_path, rng) -> None:
         return member, data
 
     _rewrite_archive(archive, tmp_path / "escape.tar.gz", escape)
+    into = tmp_path / "deep" / "er"
+    into.mkdir(parents=True)
     with pytest.raises(ValueError, match=r"escape\.tar\.gz"):
-        load_bundle(tmp_path / "escape.tar.gz")
-    assert not (tmp_path / "model.keras").exists()
+        unpack_bundle(tmp_path / "escape.tar.gz", into)
+    # bundle/../../x from deep/er would land in tmp_path: nothing may be written anywhere.
+    assert not list(into.iterdir()) and not (tmp_path / "model.keras").exists()
 
     with tarfile.open(tmp_path / "link.tar.gz", "w:gz") as tar:
         link = tarfile.TarInfo("bundle/model.keras")
@@ -191,3 +203,93 @@ def test_config_refuses_an_unknown_export() -> None:
     assert FedaeConfig().bundle_exports == "savedmodel"
     with pytest.raises(ConfigError, match=r"bundle-exports: .*'tflite'"):
         FedaeConfig.from_run_config({"bundle-exports": "tflite"})
+
+
+def test_a_model_config_naming_a_module_does_not_get_it_imported(tmp_path, rng, monkeypatch) -> None:
+    """tf-keras' safe mode still imports any module a config names; fedae reads only the weights."""
+    import sys
+    import zipfile
+
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "fedae_sentinel_module.py").write_text("IMPORTED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    detector, x = _detector(rng, "dense", "mse")
+    folder = save_bundle(detector, tmp_path / "b")
+    with zipfile.ZipFile(folder / "model.keras") as original:
+        members = {name: original.read(name) for name in original.namelist()}
+    config = json.loads(members["config.json"])
+    config["module"] = "fedae_sentinel_module"
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(folder / "model.keras", "w") as rewritten:
+        for name, data in members.items():
+            rewritten.writestr(name, data)
+    # Whoever can rewrite a file can rewrite the manifest too: only the loading itself protects here.
+    write_manifest(folder, ["model.keras", "preprocessing.json", "threshold.json", "metadata.json"])
+    loaded = load_bundle(folder)
+    assert "fedae_sentinel_module" not in sys.modules
+    np.testing.assert_allclose(loaded.score(x), detector.score(x), rtol=1e-6)
+
+
+def test_a_file_swapped_after_the_check_is_never_read(tmp_path, rng, monkeypatch) -> None:
+    import shared.detector as bundles
+
+    detector, x = _detector(rng, "dense", "mse")
+    folder = save_bundle(detector, tmp_path / "b")
+    other, _ = _detector(np.random.default_rng(99), "dense", "mse")
+    save_bundle(other, tmp_path / "other")
+    real_bundle_id = bundles.bundle_id
+
+    def swap_then_id(path):  # runs after the check: the original's model is replaced now
+        (folder / "model.keras").write_bytes((tmp_path / "other" / "model.keras").read_bytes())
+        return real_bundle_id(path)
+
+    monkeypatch.setattr(bundles, "bundle_id", swap_then_id)
+    loaded = load_bundle(folder)
+    np.testing.assert_allclose(loaded.score(x), detector.score(x), rtol=1e-6)  # the checked weights
+    assert not np.allclose(other.score(x), detector.score(x))  # and the swap would have shown
+
+
+def test_a_failed_export_leaves_the_bundle_as_it_was(tmp_path, rng, monkeypatch) -> None:
+    import shared.detector as bundles
+
+    detector, _ = _detector(rng, "dense", "mse")
+    folder = save_bundle(detector, tmp_path / "b", exports=("savedmodel",))
+    before = verify_bundle(folder)
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("converter crashed")
+
+    monkeypatch.setattr(bundles, "write_exports", broken)
+    with pytest.raises(RuntimeError, match="converter crashed"):
+        export_bundle(folder, ("tflite-float16",))
+    assert verify_bundle(folder) == before  # same files, same manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no staging folder left behind
+    monkeypatch.undo()
+    export_bundle(folder, ("tflite-float16",))
+    assert (folder / "model_float16.tflite").is_file() and not (folder / "saved_model").exists()
+    assert verify_bundle(folder)["files"]["model.keras"] == before["files"]["model.keras"]  # not re-saved
+
+
+def test_an_archive_is_checked_against_its_manifest_before_anything_is_written(tmp_path, rng) -> None:
+    detector, _ = _detector(rng, "dense", "mse")
+    archive = pack_bundle(save_bundle(detector, tmp_path / "bundle"))
+
+    with tarfile.open(archive) as old, tarfile.open(tmp_path / "bomb.tar.gz", "w:gz") as new:
+        for member in old.getmembers():
+            new.addfile(member, old.extractfile(member))
+        payload = tarfile.TarInfo("bundle/payload.bin")
+        payload.size = 10 << 20
+        new.addfile(payload, io.BytesIO(bytes(payload.size)))
+    into = tmp_path / "into"
+    into.mkdir()
+    with pytest.raises(ValueError, match=r"payload\.bin: not in the manifest"):
+        unpack_bundle(tmp_path / "bomb.tar.gz", into)
+    assert not list(into.iterdir())
+
+
+def test_pack_refuses_an_archive_inside_the_bundle(tmp_path, rng) -> None:
+    detector, _ = _detector(rng, "dense", "mse")
+    folder = save_bundle(detector, tmp_path / "b")
+    with pytest.raises(ValueError, match=r"cannot go inside the bundle"):
+        pack_bundle(folder, folder / "b.tar.gz")
+    load_bundle(folder)

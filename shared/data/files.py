@@ -99,7 +99,15 @@ def numeric_cells(column: Any) -> tuple[np.ndarray, np.ndarray]:
     numbers (missing, not a number, or infinite): ``cell_problem`` says which."""
     import pandas as pd
 
-    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+    kind = getattr(column.dtype, "kind", "O")
+    if kind in "bMm":
+        # Booleans, dates and durations convert to numbers (0/1, epoch nanoseconds), but no sensor
+        # reading is one: a column of them is a wrong column, refused like text.
+        values = np.full(len(column), np.nan)
+    else:
+        if kind == "O":  # a True among numbers in a mixed column: the same refusal
+            column = column.map(lambda v: np.nan if isinstance(v, bool | np.bool_) else v)
+        values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
     return values, ~np.isfinite(values)
 
 
