@@ -137,8 +137,8 @@ class _ScoringService:
             raise RequestError(
                 422,
                 "non_finite_score",
-                f"instance {int(bad[0])}: the model's score is {scores[bad[0]]!r}; its values are too far "
-                "outside the range the model was trained on to be scored",
+                f"instance {int(bad[0])}: the model's score is {float(scores[bad[0]])}; its values are too "
+                "far outside the range the model was trained on to be scored",
             )
         flags = scores > self.threshold
         if self.monitor is not None:

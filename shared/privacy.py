@@ -274,7 +274,12 @@ def describe(
 ) -> str:
     """The words every printed sample-level epsilon carries; ``threshold_release``: the figures include
     the federated threshold's histogram release."""
-    scope = "all rounds and the threshold histogram" if threshold_release else "all rounds"
+    # Only the clients that sent a histogram paid for one: the statement covers every client's figure.
+    scope = (
+        "all rounds and, for each client that released one, the threshold histogram"
+        if threshold_release
+        else "all rounds"
+    )
     return (
         f"sample-level ({NEIGHBOURING[sampling]}), per client, cumulative over {scope}, delta={delta:g}, "
         f"{accountant.upper()} accountant, {SAMPLING_BOUND[sampling]}"
