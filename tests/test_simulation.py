@@ -322,12 +322,15 @@ def test_federated_percentile_threshold_end_to_end_charged_once_and_reused_on_re
     assert detector.metadata["privacy"]["threshold_release"] == release
     assert "### Federated threshold" in (out / "report.md").read_text()
 
-    # Both thresholds come from normal data of the same distribution (wdbc, iid): the federated one is
-    # within a factor 1.5 of the coordinator's calibration 95th percentile, and its rank among the
-    # clients' own training rows within 8 points of 95 (noise, sampling and one bin).
+    # Both thresholds come from normal data of the same distribution (wdbc, iid). Among the coordinator's
+    # calibration rows the federated threshold ranks within 12 points of 95: with 53 rows the empirical
+    # CDF at the 95th percentile has a standard error of 3 points, so 12 is four of them (a ratio of the
+    # two thresholds was tried first and failed a CI run at 1.52: the tail of a max-standardized score
+    # is too steep for 53 rows to pin its 95th percentile). Its rank among the clients' own training
+    # rows, which it was fitted on, is within 8 points of 95 (noise, sampling and one bin).
     server = load_server_data(config)
-    calibration_p95 = np.percentile(detector.score(server.x_calibration), 95)
-    assert 1 / 1.5 < detector.threshold / calibration_p95 < 1.5
+    calibration_rank = 100 * np.mean(detector.score(server.x_calibration) <= detector.threshold)
+    assert abs(calibration_rank - 95) <= 12
     pooled = np.concatenate([detector.score(load_client_data(config, c).x_train) for c in (0, 1)])
     assert abs(100 * np.mean(pooled <= detector.threshold) - 95) <= 8
 
