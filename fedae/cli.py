@@ -483,7 +483,7 @@ def _bundle(args: argparse.Namespace) -> int:
     import json
 
     from shared.data.errors import DataError
-    from shared.detector import BundleError, export_bundle, load_bundle, pack_bundle
+    from shared.detector import BundleError, export_bundle, pack_bundle
 
     if args.bundle_command == "inspect":
         from shared.bundle_info import describe_bundle, format_bundle
@@ -499,11 +499,11 @@ def _bundle(args: argparse.Namespace) -> int:
             kinds = parse_exports(args.formats)
         except ValueError as err:
             raise BundleError(f"--formats: {err}") from err
-        # Loaded (so every file is checked) before anything is written: the rewritten manifest vouches
-        # only for files that matched the old one (export_bundle works on a checked copy again).
-        detector = load_bundle(args.bundle)
-        representative = None
-        if args.representative:
+
+        def representative(detector: Any) -> Any:
+            """The --representative file's rows in the checked bundle's schema (None without one)."""
+            if not args.representative:
+                return None
             from shared.data.files import align_columns, read_table
             from shared.export import Representative
 
@@ -515,15 +515,16 @@ def _bundle(args: argparse.Namespace) -> int:
                     f"rows of shape {rows.shape[1:]}, the bundle takes {detector.scaler.input_shape}",
                     path=args.representative,
                 )
-            representative = Representative.from_rows(rows, f"rows of {args.representative}")
+            return Representative.from_rows(rows, f"rows of {args.representative}")
+
+        # export_bundle checks every file (on a private copy) before anything is written, so the new
+        # manifest vouches only for files that matched the old one.
         export_bundle(args.bundle, kinds, representative)
         print(f"{args.bundle}: exports {', '.join(kinds) or 'none'}; manifest rewritten")
     return EXIT_OK
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from shared.config import ConfigError
 
     if not 1 <= args.port <= 65535:
@@ -532,10 +533,8 @@ def _serve(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     from fedae.serve import bind_socket, create_app, run_server
-    from shared.detector import is_archive, load_bundle
+    from shared.detector import load_bundle
 
-    if not (Path(args.bundle).is_dir() or (is_archive(args.bundle) and Path(args.bundle).is_file())):
-        raise ConfigError(f"{args.bundle}: no such bundle folder or .tar.gz")
     detector = load_bundle(args.bundle)  # checks every file against the manifest first (BundleError: exit 2)
     app = create_app(
         detector,
@@ -571,15 +570,11 @@ PROGRESS_MIN_BYTES = 16 * 2**20
 
 def _detect(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from shared.batch_scoring import check_request, format_summary, score_file
-    from shared.config import ConfigError
-    from shared.detector import is_archive, load_bundle
+    from shared.detector import load_bundle
 
     check_request(args.input, args.out, args.chunk_rows, args.on_invalid)  # before TensorFlow loads
-    if not (Path(args.bundle).is_dir() or (is_archive(args.bundle) and Path(args.bundle).is_file())):
-        raise ConfigError(f"{args.bundle}: no such bundle folder or .tar.gz")
     detector = load_bundle(args.bundle)  # checks every file against the manifest first (BundleError: exit 2)
     with _progress_bar(args.input) as on_progress:
         summary = score_file(

@@ -28,6 +28,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,27 +160,21 @@ def save_bundle(
         "exports": write_exports(detector, folder, exports, representative),
     }
     (folder / "metadata.json").write_text(json.dumps(metadata, indent=2, default=_json_default))
-    names = [n for n in BUNDLE_FILES if n != MANIFEST] + _export_files(folder)
     drift = folder / DRIFT_FILE
     if detector.drift_reference is not None:
         drift.write_text(json.dumps(detector.drift_reference.to_dict()))
-        names.append(DRIFT_FILE)
     elif drift.exists():  # an earlier bundle's reference would describe another model's scores
         drift.unlink()
-    write_manifest(folder, names)  # last: it vouches for the rest
+    _write_manifest_for_all(folder)  # last: it vouches for the rest
     return folder
 
 
-def _export_files(folder: Path) -> list[str]:
-    """The bundle-relative names (``saved_model/variables/...``) of every file the exports wrote."""
-    names = []
-    for entry in EXPORT_ENTRIES:
-        path = folder / entry
-        if path.is_dir():
-            names += [p.relative_to(folder).as_posix() for p in sorted(path.rglob("*")) if p.is_file()]
-        elif path.is_file():
-            names.append(entry)
-    return names
+def _write_manifest_for_all(folder: Path) -> None:
+    """The manifest of every plain file in ``folder`` (the exports' nested files included)."""
+    files, odd = _walk(folder)
+    if odd:  # nothing the bundle writer made: refuse rather than leave it out of the manifest
+        raise BundleError(f"{folder}: entries that are not plain files: {', '.join(odd)}")
+    write_manifest(folder, [name for name in files if name != MANIFEST])
 
 
 def _walk(folder: Path) -> tuple[dict[str, Path], list[str]]:
@@ -399,11 +394,11 @@ def checked_copy(path: str | Path, scratch: Path) -> Path:
     manifest. Everything read afterwards comes from this copy, so what is used is exactly what was
     checked: a file swapped in the original after the check is never read."""
     path = Path(path)
+    if not (path.is_dir() or (is_archive(path) and path.is_file())):
+        raise BundleError(f"{path}: no such bundle folder or .tar.gz")
     if is_archive(path):
         folder = unpack_bundle(path, scratch)
     else:
-        if not path.is_dir():
-            raise BundleError(f"{path}: no such bundle folder")
         files, odd = _walk(path)
         if odd:  # the copy would silently leave them out: refuse as the check would
             raise BundleError(
@@ -483,14 +478,17 @@ def _load_checked(folder: Path) -> Detector:
 
 
 def export_bundle(
-    folder: str | Path, kinds: tuple[str, ...], representative: Representative | None = None
+    folder: str | Path,
+    kinds: tuple[str, ...],
+    representative: Callable[[Detector], Representative | None] | None = None,
 ) -> Path:
     """Replace the bundle's serving exports with ``kinds``, all or nothing.
 
     The new bundle is built from a checked copy in a staging folder beside ``folder`` (same file system)
     and swapped in by two renames, so a failure (a converter error, Ctrl-C, a full disk) leaves the old
     bundle as it was. Only the exports, ``metadata.json`` (its ``exports``) and the manifest change; the
-    model and the other files are the checked bytes."""
+    model and the other files are the checked bytes. ``representative`` gets the checked detector (its
+    schema) and returns the int8 export's calibration rows (None: synthetic ones)."""
     folder = Path(folder)
     if is_archive(folder):
         raise BundleError(f"{folder}: exports are added to a bundle folder; unpack the archive first")
@@ -498,10 +496,10 @@ def export_bundle(
         checked = checked_copy(folder, Path(staging))
         detector = _load_checked(checked)
         metadata = _read_json_object(checked / "metadata.json", "bundle metadata file")
-        metadata["exports"] = write_exports(detector, checked, kinds, representative)
+        rows = representative(detector) if representative is not None else None
+        metadata["exports"] = write_exports(detector, checked, kinds, rows)
         (checked / "metadata.json").write_text(json.dumps(metadata, indent=2, default=_json_default))
-        files, _ = _walk(checked)
-        write_manifest(checked, [name for name in files if name != MANIFEST])
+        _write_manifest_for_all(checked)
         old = Path(staging) / "old"
         folder.rename(old)
         try:
